@@ -1,0 +1,42 @@
+"""The `personascope` command line: thin Typer commands over the Python API.
+
+Each concern has its own module here that defines commands on `app` or a sub-app; `main` turns a
+`PersonascopeError` into one red line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from personascope.errors import PersonascopeError
+
+app = typer.Typer(
+    name="personascope",
+    help="Persona vectors: extract, steer, monitor, screen and guard character traits in language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    """Import the command modules; each adds its commands to `app`."""
+    import importlib
+
+    for name in ("core",):
+        importlib.import_module(f"personascope.cli.{name}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_commands()
+    try:
+        app()
+    except PersonascopeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
