@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random-weight models built from configs, and the embedded model (loaded once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personascope.models import ModelHandle, load_model
+
+
+@pytest.fixture(scope="session")
+def embedded() -> ModelHandle:
+    """The embedded SmolLM2-135M-Instruct (converted once into the personascope cache)."""
+    return load_model("smollm2-135m")
+
+
+def _tiny(arch: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128)
+    configs = {
+        "llama": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128),
+        "qwen2": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128),
+        "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=128),
+        "gpt_neox": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128),
+    }
+    config = AutoConfig.for_model(arch, **common, **configs[arch])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return _tiny("llama")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2", "gpt_neox"])
+def tiny_any(request):
+    return _tiny(request.param)
+
+
+def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows into input_ids and attention_mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
