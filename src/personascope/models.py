@@ -284,7 +284,9 @@ def load_model(
         (30, 576)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own spinner covers loading
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "adapter_config.json").exists():
         return _load_adapter(path, device, dtype, base, trust_remote_code)
