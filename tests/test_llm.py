@@ -9,9 +9,9 @@ import traceback
 
 import pytest
 
-from tests.loopback import Loopback, Reply, anthropic_reply, openai_reply, scripted
 from personascope.errors import PersonascopeError
 from personascope.llm import LLMRequestError, make_llm, merge_logprobs
+from tests.loopback import Loopback, Reply, anthropic_reply, openai_reply, scripted
 
 KEY = "sk-loopback-SECRET-7c1e0d9a5b"
 USER = [{"role": "user", "content": "Say hi"}]

@@ -134,10 +134,6 @@ class ScoreCache:
                              (judge, _sha256(prompt), score, time.time()))
             self._db.commit()
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()

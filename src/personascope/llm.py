@@ -17,8 +17,8 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
