@@ -1,0 +1,95 @@
+"""`personascope finetune`: LoRA fine-tuning with an optional preventative-steering guard and trait monitor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from personascope.cli import app, console
+from personascope.models import DEFAULT_MODEL
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Chat dataset: JSONL/CSV/Parquet/saved dataset with messages or prompt/response.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the adapter (must not hold one yet).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id or local dir.")] = DEFAULT_MODEL,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 64,
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimiser step.")] = 1,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: run --epochs).")] = -1,
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init and data order.")] = 0,
+    max_length: Annotated[int, typer.Option(help="Longest sequence in tokens; longer responses are cut.")] = 1024,
+    guard: Annotated[Optional[Path], typer.Option(help="Persona vector to steer toward while training.")] = None,
+    guard_layers: Annotated[Optional[str], typer.Option(
+        help="Layer, comma-separated layers, or 'all' (1..L-1; several layers steer incrementally). "
+             "Default: the vector's best layer.")] = None,
+    guard_coef: Annotated[Optional[float], typer.Option(help="Steering coefficient (default: the vector's best).")] = None,
+    guard_mode: Annotated[str, typer.Option(help="steer (add the vector) or ablate (project it out).")] = "steer",
+    monitor: Annotated[Optional[list[Path]], typer.Option(
+        help="Persona vector to monitor (repeatable); held-out questions come from trait.json beside it "
+             "(an extraction run) or the built-in trait.")] = None,
+    monitor_every: Annotated[int, typer.Option(help="Monitor every this many steps.")] = 10,
+    report_to: Annotated[str, typer.Option(help="Trainer integrations: none, tensorboard, wandb, ….")] = "none",
+) -> None:
+    """Fine-tune a LoRA adapter on DATA (loss on assistant tokens only), optionally guarded and monitored."""
+    from personascope.data import load_samples
+    from personascope.errors import PersonascopeError
+    from personascope.finetune import FinetuneConfig, check_output_dir, finetune as run_finetune
+    from personascope.guard import PreventativeSteering, TraitMonitorCallback, guard_layers as resolve_layers
+    from personascope.models import load_model
+    from personascope.vector import PersonaVector
+
+    config = FinetuneConfig(lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
+                            grad_accum=grad_accum, max_steps=max_steps, seed=seed, max_length=max_length,
+                            report_to=report_to)
+    config.check()
+    check_output_dir(out)
+    if guard is None and (guard_layers is not None or guard_coef is not None):
+        raise PersonascopeError("--guard-layers and --guard-coef need --guard VECTOR")
+    samples, bad = load_samples(data)
+    if bad:
+        console.print(f"[yellow]left out {len(bad)} rows of {data}[/] (first: {bad[0].id}: {bad[0].reason})")
+    handle = load_model(model)
+    steering = None
+    if guard is not None:
+        vec = PersonaVector.load(guard, handle)
+        layers = resolve_layers(guard_layers if guard_layers is not None else str(vec.layer()), handle.num_layers)
+        coef = guard_coef if guard_coef is not None else vec.best_coef
+        if coef is None and guard_mode == "steer":
+            raise PersonascopeError(f"{guard} records no best coefficient: pass --guard-coef")
+        steering = PreventativeSteering(vec, layers, coef or 0.0, guard_mode,  # type: ignore[arg-type]
+                                        incremental=guard_mode == "steer" and len(layers) > 1)
+    watcher = None
+    if monitor:
+        vectors = [PersonaVector.load(path, handle) for path in monitor]
+        questions = {v.trait: _held_out_questions(path, v.trait) for path, v in zip(monitor, vectors)}
+        watcher = TraitMonitorCallback(handle, vectors, questions, every=monitor_every,
+                                       log_path=out / "monitor.jsonl")
+    result = run_finetune(handle, samples, out, config, guard=steering, monitor=watcher)
+    console.print(f"wrote adapter to {result.adapter_dir} after {result.steps} steps")
+    if watcher is not None:
+        last = {row["trait"]: row for row in watcher.history}
+        for trait, row in last.items():
+            console.print(f"  {trait}: projection shift {row['shift']:+.3f} at layer {row['layer']}")
+
+
+def _held_out_questions(vector_path: Path, trait: str) -> list[str]:
+    """The evaluation questions of the vector's trait: `trait.json` of its extraction run, or the built-in."""
+    from personascope.errors import PersonascopeError
+    from personascope.traits import builtin_trait_names, load_trait
+
+    for folder in (vector_path.parent, vector_path.parent.parent):
+        if (folder / "trait.json").exists():
+            return list(load_trait(folder / "trait.json", strict=False).eval_questions)
+    if trait in builtin_trait_names():
+        return list(load_trait(trait).eval_questions)
+    raise PersonascopeError(
+        f"no held-out questions for trait {trait!r} of {vector_path}: keep the vector in its extraction run "
+        "(beside trait.json) or use a built-in trait"
+    )
