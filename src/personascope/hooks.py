@@ -85,6 +85,12 @@ class HookManager:
     _managers: weakref.WeakKeyDictionary[nn.Module, HookManager] = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module) -> None:
+        # Dynamo skips guards on module hooks by default, so a model compiled before an operation was added
+        # would go on running its old graph without it; guarding makes a change of hooks recompile instead.
+        # (transformers has imported torch._dynamo by the time a model exists, so this costs nothing.)
+        import torch._dynamo
+
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         self.model = model
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
@@ -222,21 +228,36 @@ class HookManager:
         ref = ids if ids is not None else embeds
         batch, length = ref.shape[0], ref.shape[1]
         mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
         if isinstance(mask, Tensor) and mask.dim() == 2:
-            past = mask.shape[1] - length
             positions = (mask.long().cumsum(-1) - 1)[:, -length:]
             valid = mask[:, -length:].bool()
         else:
-            past = _past_length(kwargs)
-            positions = torch.arange(past, past + length, device=ref.device).expand(batch, length)
-            valid = torch.ones(batch, length, dtype=torch.bool, device=ref.device)
+            # A static cache (compiled decoding) gets a 4-D mask [B, 1, T, S] and per-row position ids. Read
+            # both on the device: asking the cache for its length would be a host sync and a graph break.
+            if isinstance(position_ids, Tensor) and position_ids.dim() == 2:
+                positions = position_ids
+            else:
+                past = _past_length(kwargs)
+                positions = torch.arange(past, past + length, device=ref.device).expand(batch, length)
+            if isinstance(mask, Tensor) and mask.dim() == 4:
+                allowed = mask if mask.dtype == torch.bool else mask == 0
+                valid = allowed.any(-1).all(1)  # a padding query attends to nothing
+            else:
+                valid = torch.ones(batch, length, dtype=torch.bool, device=ref.device)
         if self._explicit_lengths:
             lengths = self._explicit_lengths[-1]
-        elif past == 0 or self._prefill_lengths is None or self._prefill_lengths.shape[0] != batch:
-            # A call without cached tokens is a prefill: all of its tokens are the prompt.
-            lengths = self._prefill_lengths = valid.sum(-1) if past == 0 else positions[:, 0]
         else:
-            lengths = self._prefill_lengths
+            # A row whose first real token (position 0) is in this call starts here: everything up to this
+            # call's last token is its prompt. Other rows keep the length found at their first call.
+            starts = ((positions == 0) & valid).any(-1)
+            stored = self._prefill_lengths
+            if stored is None or stored.shape[0] != batch:
+                stored = positions[:, 0].clamp(min=0)
+            lengths = torch.where(starts, positions[:, -1] + 1, stored)
+            if not torch.compiler.is_compiling():
+                # A compiled (decoding) step must not keep its output: CUDA graphs reuse that memory.
+                self._prefill_lengths = lengths
         self.tokens = TokenContext(valid=valid, positions=positions, prompt_lengths=lengths)
 
 
