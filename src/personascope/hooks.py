@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -42,34 +42,45 @@ class TokenContext:
         valid: `[B, T]` bool, False at padding.
         positions: `[B, T]` index of each token among its row's real tokens (0 = first prompt token).
         prompt_lengths: `[B]` number of prompt tokens per row (system + user + assistant header).
+
+    Masks are made once per forward call and shared by the operations of every layer.
     """
 
     valid: Tensor
     positions: Tensor
     prompt_lengths: Tensor
+    _masks: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scope_mask(self, scope: str) -> Tensor:
         """`prompt`: the chat prompt; `response`: positions whose outputs produce response tokens (the last
         prompt position and every response position); `all`: every real token."""
-        lengths = self.prompt_lengths[:, None]
-        if scope == "prompt":
-            return self.valid & (self.positions < lengths)
-        if scope == "response":
-            return self.valid & (self.positions >= lengths - 1)
-        if scope == "all":
-            return self.valid
-        raise PersonascopeError(f"unknown token scope {scope!r}: use one of {', '.join(SCOPES)}")
+        key = f"scope:{scope}"
+        if key not in self._masks:
+            lengths = self.prompt_lengths[:, None]
+            if scope == "prompt":
+                self._masks[key] = self.valid & (self.positions < lengths)
+            elif scope == "response":
+                self._masks[key] = self.valid & (self.positions >= lengths - 1)
+            elif scope == "all":
+                self._masks[key] = self.valid
+            else:
+                raise PersonascopeError(f"unknown token scope {scope!r}: use one of {', '.join(SCOPES)}")
+        return self._masks[key]
 
     def pool_mask(self, pool: str) -> Tensor:
         """`response_avg`: the response tokens; `prompt_avg`: the prompt tokens; `prompt_last`: the last one."""
-        lengths = self.prompt_lengths[:, None]
-        if pool == "response_avg":
-            return self.valid & (self.positions >= lengths)
-        if pool == "prompt_avg":
-            return self.valid & (self.positions < lengths)
-        if pool == "prompt_last":
-            return self.valid & (self.positions == lengths - 1)
-        raise PersonascopeError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
+        key = f"pool:{pool}"
+        if key not in self._masks:
+            lengths = self.prompt_lengths[:, None]
+            if pool == "response_avg":
+                self._masks[key] = self.valid & (self.positions >= lengths)
+            elif pool == "prompt_avg":
+                self._masks[key] = self.valid & (self.positions < lengths)
+            elif pool == "prompt_last":
+                self._masks[key] = self.valid & (self.positions == lengths - 1)
+            else:
+                raise PersonascopeError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
+        return self._masks[key]
 
 
 Operation = Callable[[Tensor, TokenContext], "Tensor | None"]
@@ -341,16 +352,27 @@ def _direction(vector: PersonaVector | Tensor, layer: int, manager: HookManager)
     return tensor.detach().to(device=param.device, dtype=torch.float32)
 
 
+def _matching(tensor: Tensor, like: Tensor, cache: dict[tuple[torch.device, torch.dtype], Tensor]) -> Tensor:
+    """`tensor` on `like`'s device and dtype, converted on first use only: a decoding step then makes no tensor
+    from host values (a host-to-device copy waits for the GPU to finish its queue)."""
+    key = (like.device, like.dtype)
+    if key not in cache:
+        cache[key] = tensor.to(device=like.device, dtype=like.dtype)
+    return cache[key]
+
+
 def add_op(direction: Tensor, coef: float | Tensor, scope: str) -> Operation:
     """`h + coef·v` at the tokens in `scope`; `coef` may be a `[B]` tensor (one coefficient per row)."""
+    if isinstance(coef, Tensor):
+        c = coef.detach().to(device=direction.device, dtype=torch.float32)
+        shift = (c[:, None, None] if c.dim() == 1 else c) * direction
+    else:
+        shift = float(coef) * direction
+    shifts: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def op(hidden: Tensor, tokens: TokenContext) -> Tensor:
         mask = tokens.scope_mask(scope)
-        c = coef if isinstance(coef, Tensor) else torch.tensor(coef, device=hidden.device)
-        c = c.to(device=hidden.device, dtype=torch.float32)
-        c = c[:, None, None] if c.dim() == 1 else c
-        delta = (c * direction).to(hidden.dtype)
-        return torch.where(mask[..., None], hidden + delta, hidden)
+        return torch.where(mask[..., None], hidden + _matching(shift, hidden, shifts), hidden)
 
     return op
 
@@ -363,10 +385,11 @@ def ablate_op(direction: Tensor, scope: str) -> Operation:
 def clamp_op(direction: Tensor, value: float, scope: str) -> Operation:
     """Set the projection on the unit direction to `value` at the tokens in `scope`."""
     unit = direction / direction.norm()
+    units: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def op(hidden: Tensor, tokens: TokenContext) -> Tensor:
         mask = tokens.scope_mask(scope)
-        u = unit.to(hidden.dtype)
+        u = _matching(unit, hidden, units)
         projection = hidden @ u
         return torch.where(mask[..., None], hidden + (value - projection)[..., None] * u, hidden)
 
