@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end with tiny settings and report what they promise.
+
+They are scripts, not package modules: each is loaded from `benchmarks/` (which goes on `sys.path`, as it
+does when a script runs, so their `import common` works).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_activations_benchmark_reads_the_same_values_as_the_reference_loop(embedded, tmp_path):
+    bench = _script("activations")
+    out = tmp_path / "activations.json"
+    args = bench.parser().parse_args(["--rows", "5", "--longest", "24", "--repeats", "1", "--json", str(out)])
+    figures = bench.run(args, embedded)
+    saved = json.loads(out.read_text())
+    assert saved["same_values"] is True and saved["min_cosine"] > 0.9999
+    assert saved["speedup"] == pytest.approx(
+        saved["tokens_per_s"]["personascope"] / saved["tokens_per_s"]["reference"])
+    assert saved["tokens"] == figures["tokens"] > 5 * 24
+    assert saved["machine"]["date"] and saved["layer"] == 20
+
+
+def test_gpu_benchmark_tiny_steers_inside_the_compiled_static_cache_path(tmp_path):
+    """The GPU script's code paths on a tiny model; Dynamo (fullgraph, no inductor: fast) traces the steering
+    hook into the static-cache decoding graph, and greedy tokens match eager steered decoding."""
+    bench = _script("gpu")
+    out = tmp_path / "gpu.json"
+    bench.main(["--tiny", "--compile-backend", "eager", "--repeats", "1", "--batches", "1", "3",
+                "--compile-batches", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["skipped"] == []
+    assert saved["activations"]["same_values"] is True
+    assert 0 < saved["activations"]["fraction_of_peak"]["personascope, budget 8192"]
+    compiled = saved["generation"]["batches"]["3"]
+    assert compiled["compiled_equals_eager"] == {
+        "plain_first_difference": None, "steered_first_difference": None, "steered_differs_from_plain": True}
+    assert set(compiled["runs"]) == {"eager plain", "eager steered", "compiled plain", "compiled steered"}
+    assert set(saved["generation"]["batches"]["1"]["runs"]) == {"eager plain", "eager steered"}
