@@ -9,6 +9,7 @@ The saved adapter is a plain `peft` adapter: the guard's hooks hold no parameter
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,7 +148,9 @@ def lora_model(handle: ModelHandle, config: FinetuneConfig) -> Any:
                       target_modules=targets, task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)
     try:
-        return get_peft_model(handle.model, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers has deprecated; nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(handle.model, lora)
     except ValueError as exc:
         raise PersonascopeError(f"cannot add LoRA to {handle.name}: {str(exc).splitlines()[0]}") from None
 
@@ -184,7 +187,6 @@ def finetune(
         >>> finetune(load_model("smollm2-135m"), samples, "runs/ft", guard=PreventativeSteering(vec, 20, 4.0))
     """
     from transformers import Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
 
     config.check()
     out = check_output_dir(out_dir)
@@ -207,7 +209,6 @@ def finetune(
             report_to=config.report_to, remove_unused_columns=False, use_cpu=not on_gpu,
             bf16=on_gpu and handle.dtype == torch.bfloat16, disable_tqdm=not progress,
         )
-        hf_logging.set_verbosity_error()
         trainer = Trainer(model=model, args=args, train_dataset=examples,  # type: ignore[arg-type]
                           data_collator=_Collator(handle.tokenizer.pad_token_id))
         if monitor is not None:
