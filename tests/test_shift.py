@@ -66,6 +66,7 @@ def test_shift_cli_finds_the_planted_change_of_a_peft_adapter(optimism, tmp_path
     assert all(abs(by_layer[l]["shift"]) < 1e-5 for l in range(1, PLANTED_LAYER))
     assert report["shift"] == pytest.approx(EPSILON, rel=1e-3)
     planted = by_layer[PLANTED_LAYER]
-    assert planted["relative_shift"] == pytest.approx(EPSILON / float(optimism.directions[PLANTED_LAYER].norm()), rel=1e-3)
+    gap = float(optimism.directions[PLANTED_LAYER].norm())
+    assert planted["relative_shift"] == pytest.approx(EPSILON / gap, rel=1e-3)
     assert planted["finetuned_projection"] - planted["base_projection"] == pytest.approx(EPSILON, rel=1e-3)
     assert not (tmp_path / "adapter" / "model.safetensors").exists()  # the adapter was applied, never merged

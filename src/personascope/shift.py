@@ -2,7 +2,7 @@
 
 The shift at layer `l` is `(mean_ft[l] − mean_base[l]) · v̂[l]`: the fine-tuned model's mean last-prompt-token
 activation minus the base model's, over the same questions, projected on the vector's unit direction
-(Chen et al. 2025, §5). A positive shift means fine-tuning pushed the model toward the trait.
+(Chen et al. 2025). A positive shift means fine-tuning pushed the model toward the trait.
 
 Example:
     >>> report = projection_shift(base, tuned, vector, load_trait("evil").eval_questions)
