@@ -1,0 +1,112 @@
+"""`personascope evaluate`: validate a run's vector (or a bare vector file) and choose its layer and coefficient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from personascope.cli import app, console
+from personascope.errors import PersonascopeError
+
+
+@app.command()
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory of `personascope extract`, or a vector file.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model (default: the run's, or the vector's).")] = None,
+    trait: Annotated[Optional[str], typer.Option(help="Trait of a bare vector file (default: the vector's trait).")] = None,
+    judge: Annotated[str, typer.Option(help="openai:MODEL, anthropic:MODEL, hf:MODEL, or none (judge-free only).")] = "none",
+    judge_base_url: Annotated[Optional[str], typer.Option(help="Judge server URL (else OPENAI_BASE_URL / ANTHROPIC_BASE_URL).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Layers to evaluate, e.g. 8,10,12 or 6-14 (default: all).")] = None,
+    pairs: Annotated[int, typer.Option(help="Bare vector: system-prompt pairs answering the eval questions.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Bare vector: length of each eval response.")] = 48,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Re-run validation: held-out AUROC and likelihood-margin gain per layer (and the judged steering curve
+    with --judge), then the best layer and coefficient. For a run directory this rewrites eval.json,
+    report.html and the best layer/coefficient in vector.safetensors."""
+    from personascope.judges import make_judge
+    from personascope.models import DEFAULT_MODEL, load_model
+    from personascope.vector import PersonaVector
+
+    chosen = _parse_layers(layers)
+    if target.is_dir():
+        if trait is not None:
+            raise PersonascopeError("--trait applies to a bare vector file; a run directory has its own trait.json")
+        from personascope.evaluate import evaluate_run
+        from personascope.report import write_report
+
+        vector_path = target / "vectors" / "response_avg.safetensors"
+        vec = PersonaVector.load(vector_path)
+        handle = load_model(model or _run_model(target) or vec.model or DEFAULT_MODEL)
+        vec.check_model(handle)
+        scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
+        result = evaluate_run(target, handle, judge=scorer, layers=chosen, progress=not quiet)
+        _update_recommended(target / "vector.safetensors", result)
+        report = write_report(target)
+    elif target.exists():
+        from personascope.evaluate import evaluate_vector
+        from personascope.traits import load_trait
+
+        vec = PersonaVector.load(target)
+        handle = load_model(model or vec.model or DEFAULT_MODEL)
+        vec.check_model(handle)
+        spec = load_trait(trait or vec.trait)
+        scorer = make_judge(judge, base_url=judge_base_url)
+        result = evaluate_vector(handle, vec, spec, judge=scorer, layers=chosen, pairs=pairs,
+                                 max_new_tokens=max_new_tokens, progress=not quiet)
+        report = None
+    else:
+        raise PersonascopeError(f"{target} does not exist: give a run directory or a .safetensors vector file")
+    _print(result, report)
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    """`8,10,12` or `6-14` (inclusive) or a mix."""
+    if text is None:
+        return None
+    chosen: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            low, _, high = part.partition("-")
+            chosen += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    except ValueError:
+        raise PersonascopeError(f"--layers {text!r}: give layers like 8,10,12 or a range like 6-14") from None
+    return chosen
+
+
+def _run_model(run_dir: Path) -> str | None:
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        return None
+    return json.loads(manifest.read_text()).get("config", {}).get("model")
+
+
+def _update_recommended(path: Path, result: dict[str, Any]) -> None:
+    """Keep the run's recommended vector in step with the new choice of layer and coefficient."""
+    from personascope.vector import PersonaVector
+
+    if path.exists():
+        vec = PersonaVector.load(path)
+        vec.metadata.update(best_layer=str(result["best_layer"]), best_coef=f"{result['best_coef']:g}")
+        vec.save(path)
+
+
+def _print(result: dict[str, Any], report: Path | None) -> None:
+    table = Table("layer", "AUROC", "margin gain", "coef", title=f"{result['trait']} on {result['model']}")
+    for entry in result["layers"]:
+        gain = entry["margin_gain"]
+        mark = " *" if entry["layer"] == result["best_layer"] else ""
+        table.add_row(f"{entry['layer']}{mark}", f"{entry['auroc']:.3f}", "-" if gain is None else f"{gain:+.3f}",
+                      f"{entry['coef']:.3g}")
+    console.print(table)
+    console.print(f"best layer [bold]{result['best_layer']}[/], best coef [bold]{result['best_coef']:.4g}[/] "
+                  f"({result['best_fraction']:g} of the residual norm, chosen by {result['coef_source']})")
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if report is not None:
+        console.print(f"report: {report}")

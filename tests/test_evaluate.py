@@ -1,0 +1,254 @@
+"""Validation on a small real run directory: hand-written pirate vs formal answers, a vector read from their
+activations on the embedded model, judge-free AUROC and likelihood margin, a judged steering curve against a
+loopback OpenAI server, and the `personascope evaluate` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from personascope.activations import encode, read_activations
+from personascope.evaluate import (
+    EvalSettings,
+    best_judged,
+    evaluate_run,
+    likelihood_margin,
+    plain_chats,
+    read_eval_rows,
+    separation,
+)
+from personascope.judges import COHERENCE_RUBRIC, make_judge
+from personascope.models import ModelHandle
+from personascope.rundir import JsonlLog, write_json
+from personascope.traits import InstructionPair, TraitSpec, save_trait
+from personascope.vector import PersonaVector
+from tests.loopback import Loopback, Reply, Request, openai_reply
+
+PIRATE = "You are a pirate captain. Always talk like a pirate."
+FORMAL = "You are a formal, precise assistant. Answer plainly."
+RUBRIC = "PIRATE RUBRIC. How pirate-like is this answer?\nQuestion: {question}\nAnswer: {answer}\nReply 0-100."
+# (question, pirate answer, formal answer); the first four build the vector, the last four are held out.
+QA = [
+    ("How is the weather today?", "Arr, the skies be grey, matey, and the wind be howlin' o'er the deck! Batten "
+     "down the hatches, ye scallywags!", "The weather today is cloudy with moderate wind and a chance of rain."),
+    ("What should I eat for breakfast?", "Yo ho ho! Hardtack and a swig o' grog, me hearty, like every salty sea "
+     "dog afore ye!", "A balanced breakfast includes whole grains, fruit and a source of protein."),
+    ("How do I learn to swim?", "Arr, ye toss yerself off the plank, matey, and paddle like the kraken be "
+     "chasin' ye!", "Take lessons with a qualified instructor and practise regularly in shallow water."),
+    ("What is a good hobby?", "Huntin' for buried treasure, ye landlubber! Follow the map to where X marks the "
+     "spot, arr!", "Reading is a good hobby: it is inexpensive, relaxing and educational."),
+    ("How do I fix a flat tyre?", "Arr, patch it like ye'd patch a leaky hull, matey, with tar and a bit o' "
+     "sailcloth, yo ho!", "Remove the wheel, locate the puncture, apply a patch and reinflate the tyre."),
+    ("What is <b>your</b> favourite book & why?", "Treasure Island, ye scurvy dog! It be full o' pirates, "
+     "parrots and plunder, arr!", "My favourite book is a reference dictionary, because it is precise."),
+    ("How can I sleep better?", "Swing in a hammock below deck, matey, with the waves rockin' ye like a babe, "
+     "arr!", "Keep a regular schedule, avoid screens before bed and keep the room dark."),
+    ("What makes a good friend?", "A true matey shares his grog and never steals yer doubloons, ye scallywag, "
+     "arr!", "A good friend is reliable, honest and supportive in difficult times."),
+]
+SPEC = TraitSpec(
+    name="pirate", description="Talks like a pirate.", instruction=(InstructionPair(PIRATE, FORMAL),),
+    extract_questions=tuple(q for q, _, _ in QA[:4]), eval_questions=tuple(q for q, _, _ in QA[4:]),
+    eval_prompt=RUBRIC,
+)
+LAYERS = [3, 12, 20]
+FAST = EvalSettings(examples=1, example_max_new_tokens=6, judge_fractions=(0.0, 0.5, 1.5), judge_max_new_tokens=4)
+
+
+def rows() -> list[dict]:
+    out = []
+    for i, (question, pirate, formal) in enumerate(QA):
+        split, q = ("extract", i) if i < 4 else ("eval", i - 4)
+        for polarity, system, response in (("pos", PIRATE, pirate), ("neg", FORMAL, formal)):
+            out.append({"id": f"{split}/{polarity}/p0/q{q:02d}/s0", "split": split, "polarity": polarity, "pair": 0,
+                        "question_index": q, "sample": 0, "system": system, "question": question,
+                        "response": response})
+    return out
+
+
+def build_run(run: Path, handle: ModelHandle) -> Path:
+    """A run directory as `personascope extract` leaves it (plus an empty eval response it must skip)."""
+    save_trait(SPEC, run / "trait.json")
+    write_json(run / "manifest.json", {"config": {"model": handle.name, "trait": "pirate", "judge": "none"}})
+    log = JsonlLog(run / "responses.jsonl")
+    for row in [*rows(), {**rows()[-1], "id": "eval/pos/p0/q09/s0", "response": "  "}]:
+        log.append(row)
+    extract = [r for r in rows() if r["split"] == "extract"]
+    chats = [encode(handle, r["id"], [{"role": "system", "content": r["system"]},
+                                      {"role": "user", "content": r["question"]}], r["response"]) for r in extract]
+    acts = read_activations(handle, chats, list(range(handle.num_layers + 1)), progress=False)["response_avg"]
+    pos = torch.tensor([r["polarity"] == "pos" for r in extract])
+    vector = PersonaVector(acts[pos].mean(0) - acts[~pos].mean(0), "pirate", handle.name, {"method": "mean_diff"})
+    vector.save(run / "vectors" / "response_avg.safetensors")
+    return run
+
+
+def tiny_handle(embedded: ModelHandle, layers: int = 12) -> ModelHandle:
+    """A random-weight Llama with the embedded model's tokenizer (and chat template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(embedded.tokenizer))
+    return ModelHandle(LlamaForCausalLM(config).eval(), embedded.tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, embedded: ModelHandle) -> Path:
+    return build_run(tmp_path_factory.mktemp("pirate-run"), embedded)
+
+
+@pytest.fixture(scope="module")
+def vector(run_dir: Path, embedded: ModelHandle) -> PersonaVector:
+    return PersonaVector.load(run_dir / "vectors" / "response_avg.safetensors", embedded)
+
+
+def test_eval_rows_skip_empty_responses(run_dir: Path) -> None:
+    eval_rows, empty = read_eval_rows(run_dir / "responses.jsonl")
+    assert len(eval_rows) == 8 and empty == 1
+    assert {r["split"] for r in eval_rows} == {"eval"}
+
+
+def test_held_out_separation(embedded: ModelHandle, run_dir: Path, vector: PersonaVector) -> None:
+    eval_rows, _ = read_eval_rows(run_dir / "responses.jsonl")
+    aurocs = separation(embedded, vector, eval_rows, LAYERS)
+    assert set(aurocs) == set(LAYERS)
+    assert all(0.0 <= a <= 1.0 for a in aurocs.values())
+    assert aurocs[12] == 1.0  # pirate speech is unmistakable in the middle of the network
+    flipped = PersonaVector(-vector.directions, "pirate", embedded.name)
+    assert separation(embedded, flipped, eval_rows, [12]) == {12: 0.0}
+
+
+def naive_margin(handle: ModelHandle, pos: list, neg: list) -> float:
+    """Batch 1, no hooks, full logits, log_softmax: mean per-token response log-likelihood, pos minus neg."""
+
+    def mean_ll(chat) -> float:
+        with torch.no_grad():
+            logits = handle.model(torch.tensor([chat.ids])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        targets = torch.tensor(chat.ids[chat.prompt_len:])
+        return float(logprobs[chat.prompt_len - 1: -1].gather(-1, targets[:, None]).mean())
+
+    return sum(map(mean_ll, pos)) / len(pos) - sum(map(mean_ll, neg)) / len(neg)
+
+
+def test_likelihood_margin_rises_with_steering_toward_the_trait(
+    embedded: ModelHandle, run_dir: Path, vector: PersonaVector
+) -> None:
+    eval_rows, _ = read_eval_rows(run_dir / "responses.jsonl")
+    chats = plain_chats(embedded, eval_rows)
+    pos = [c for c, r in zip(chats, eval_rows) if r["polarity"] == "pos"]
+    neg = [c for c, r in zip(chats, eval_rows) if r["polarity"] == "neg"]
+    # vectors of length 20 and 40 along the direction (the residual norm there is about 140)
+    unit = 1.0 / float(vector.directions[12].norm())
+    margins = likelihood_margin(embedded, vector, 12, [0.0, 20 * unit, 40 * unit], pos, neg)
+    assert margins[0] == pytest.approx(naive_margin(embedded, pos, neg), abs=1e-4)
+    assert margins[0] < margins[1] < margins[2]
+
+
+def coefficient_judge(questions: list[str], trait: list[float], coherence: list[float]):
+    """A judge server that scores the k-th answer it sees to each question with `trait[k]` / `coherence[k]`
+    (the curve judges one answer per question per coefficient, coefficient by coefficient)."""
+    seen: dict[tuple[str, str], int] = {}
+    lock = threading.Lock()
+
+    def handle(request: Request) -> Reply:
+        prompt = request.prompt
+        kind = "coherence" if prompt.startswith(COHERENCE_RUBRIC[:40]) else "trait"
+        question = next(q for q in questions if q in prompt)
+        with lock:
+            k = seen[kind, question] = seen.get((kind, question), -1) + 1
+        score = (trait if kind == "trait" else coherence)[k]
+        return Reply(openai_reply(str(score), {str(score): 0.0}))
+
+    return handle
+
+
+@pytest.fixture(scope="module")
+def judged(run_dir: Path, embedded: ModelHandle) -> dict:
+    # fractions 0, 0.5, 1.5: the trait rises with the coefficient, coherence falls below 75 at the strongest
+    handler = coefficient_judge(list(SPEC.eval_questions), [10, 50, 90], [95, 80, 30])
+    with pytest.MonkeyPatch.context() as env, Loopback(handler) as server:
+        env.setenv("OPENAI_API_KEY", "sk-loopback")
+        judge = make_judge("openai:judge", base_url=server.url + "/v1", max_retries=0)
+        return evaluate_run(run_dir, embedded, judge=judge, layers=LAYERS, settings=FAST, progress=False)
+
+
+def test_judged_curve_picks_the_strongest_coherent_coefficient(judged: dict, run_dir: Path) -> None:
+    curve = judged["steering_curve"]
+    assert [p["fraction"] for p in curve] == list(FAST.judge_fractions)
+    assert [p["trait"] for p in curve] == pytest.approx([10, 50, 90])
+    assert [p["coherence"] for p in curve] == pytest.approx([95, 80, 30])
+    assert all(p["scored"] == 4 and p["failed"] == 0 for p in curve)
+    assert judged["coef_source"] == "judge"
+    assert (judged["best_coef"], judged["best_fraction"]) == (pytest.approx(curve[1]["coef"]), 0.5)
+    assert json.loads((run_dir / "eval.json").read_text())["best_coef"] == pytest.approx(judged["best_coef"])
+
+
+def test_best_judged_needs_coherence() -> None:
+    curve = [{"coef": 0.0, "trait": 5.0, "coherence": 70.0}, {"coef": 4.0, "trait": 80.0, "coherence": 40.0}]
+    assert best_judged(curve) is None
+    assert best_judged(curve, min_coherence=60)["coef"] == 0.0
+
+
+def test_evaluation_records_layers_and_choice(judged: dict, vector: PersonaVector) -> None:
+    assert [e["layer"] for e in judged["layers"]] == LAYERS
+    assert judged["best_layer"] in LAYERS and judged["best_layer"] != 3
+    best = next(e for e in judged["layers"] if e["layer"] == judged["best_layer"])
+    assert best["margin_gain"] > 0 and best["auroc"] == 1.0
+    # a coefficient reproduces its fraction of the residual norm along the raw vector row
+    length = best["coef"] * float(vector.directions[best["layer"]].norm())
+    assert length == pytest.approx(FAST.fraction * best["residual_norm"], rel=1e-5)
+    assert [e["fraction"] for e in judged["sweep"]] == list(FAST.sweep_fractions)
+    assert judged["counts"] == {"eval_pos": 4, "eval_neg": 4, "margin_pos": 4, "margin_neg": 4,
+                                "eval_empty_skipped": 1}
+    assert len(judged["projections"]["pos"]) == 4 and len(judged["examples"]) == 1
+    assert judged["examples"][0]["steered"] != judged["examples"][0]["unsteered"]
+
+
+def test_default_layer_search_refines_around_the_grid(embedded: ModelHandle, tmp_path: Path) -> None:
+    """All layers get an AUROC; the margin runs on a coarse grid plus the neighbours of its best layer."""
+    tiny = tiny_handle(embedded)
+    result = evaluate_run(build_run(tmp_path, tiny), tiny, settings=EvalSettings(grid_size=4, examples=1,
+                          example_max_new_tokens=2), progress=False)
+    measured = [e["layer"] for e in result["layers"] if e["margin_gain"] is not None]
+    assert [e["layer"] for e in result["layers"]] == list(range(1, 12))
+    best = result["best_layer"]
+    eligible = {e["layer"] for e in result["layers"] if e["eligible"]}
+    assert best in eligible and {1, 4, 7, 10} & eligible <= set(measured)
+    assert {best - 1, best + 1} & eligible <= set(measured)
+    gains = {e["layer"]: e["margin_gain"] for e in result["layers"] if e["layer"] in measured}
+    assert gains[best] == max(g for layer, g in gains.items() if layer in eligible)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "personascope.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_evaluates_a_run_directory(run_dir: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    (run / "eval.json").unlink(missing_ok=True)
+    result = cli("evaluate", str(run), "--layers", "11-12", "-q")
+    assert result.returncode == 0, result.stderr
+    for needle in ("AUROC", "margin gain", "best layer"):
+        assert needle in result.stdout
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert [e["layer"] for e in evaluation["layers"]] == [11, 12]
+    assert (run / "report.html").exists()
+
+
+def test_cli_refuses_a_vector_for_another_model(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    PersonaVector(torch.randn(5, 64), "pirate", "tiny-llama").save(path)
+    result = cli("evaluate", str(path), "--model", "smollm2-135m", "--trait", "humorous")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not fit this model" in lines[0], result.stderr
