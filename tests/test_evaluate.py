@@ -19,6 +19,7 @@ from personascope.evaluate import (
     EvalSettings,
     best_judged,
     evaluate_run,
+    evaluate_vector,
     likelihood_margin,
     plain_chats,
     read_eval_rows,
@@ -226,6 +227,17 @@ def test_default_layer_search_refines_around_the_grid(embedded: ModelHandle, tmp
     assert {best - 1, best + 1} & eligible <= set(measured)
     gains = {e["layer"]: e["margin_gain"] for e in result["layers"] if e["layer"] in measured}
     assert gains[best] == max(g for layer, g in gains.items() if layer in eligible)
+
+
+def test_a_bare_vector_is_evaluated_on_fresh_eval_responses(embedded: ModelHandle, tmp_path: Path) -> None:
+    tiny = tiny_handle(embedded, layers=4)
+    vector = PersonaVector.load(build_run(tmp_path, tiny) / "vectors" / "response_avg.safetensors", tiny)
+    result = evaluate_vector(tiny, vector, SPEC, pairs=1, max_new_tokens=3, progress=False,
+                             settings=EvalSettings(examples=1, example_max_new_tokens=2))
+    counts = result["counts"]
+    assert counts["eval_pos"] + counts["eval_neg"] + counts["eval_empty_skipped"] == 2 * len(SPEC.eval_questions)
+    assert [e["layer"] for e in result["layers"]] == [1, 2, 3] and result["best_layer"] in (1, 2, 3)
+    assert not (tmp_path / "eval.json").exists()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

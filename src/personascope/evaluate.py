@@ -601,6 +601,9 @@ def evaluate_run(
         raise PersonascopeError(f"{run_dir} has no trait.json: is it a run directory of `personascope extract`?")
     trait = load_trait(trait_path, strict=False)
     path = Path(vector_path) if vector_path is not None else run_dir / "vectors" / "response_avg.safetensors"
+    if vector_path is None and not path.exists():
+        raise PersonascopeError(f"{run_dir} has no vectors/response_avg.safetensors yet: rerun the same "
+                                "`personascope extract` command to finish the run")
     vector = PersonaVector.load(path, handle)
     rows, empty = read_eval_rows(run_dir / "responses.jsonl")
     result = _evaluate(handle, vector, trait, rows, judge=judge, layers=layers,

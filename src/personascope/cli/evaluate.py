@@ -40,10 +40,7 @@ def evaluate(
         from personascope.evaluate import evaluate_run
         from personascope.report import write_report
 
-        vector_path = target / "vectors" / "response_avg.safetensors"
-        vec = PersonaVector.load(vector_path)
-        handle = load_model(model or _run_model(target) or vec.model or DEFAULT_MODEL)
-        vec.check_model(handle)
+        handle = load_model(model or _run_model(target) or DEFAULT_MODEL)
         scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
         result = evaluate_run(target, handle, judge=scorer, layers=chosen, progress=not quiet)
         _update_recommended(target / "vector.safetensors", result)
