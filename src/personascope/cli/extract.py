@@ -1,0 +1,91 @@
+"""`personascope extract`: from a trait to a validated persona vector in a run directory."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from personascope.cli import app, console
+from personascope.extract import ExtractConfig
+
+_D = {f.name: f.default for f in fields(ExtractConfig)}
+
+
+def _opt(text: str, *names: str) -> Any:
+    return typer.Option(*names, help=text)
+
+
+@app.command()
+def extract(
+    trait: Annotated[str, typer.Argument(help="A built-in trait (`personascope trait list`) or a trait file.")],
+    out: Annotated[Path, _opt("Run directory (created; a rerun resumes it).", "--out", "-o")],
+    model: Annotated[str, _opt("Embedded name, HF id or local model dir.", "--model", "-m")] = _D["model"],
+    judge: Annotated[str, _opt("openai:MODEL, anthropic:MODEL, hf:MODEL, or none (keep all pairs).")] = _D["judge"],
+    judge_base_url: Annotated[Optional[str], _opt("Judge server URL (else OPENAI_/ANTHROPIC_BASE_URL).")] = None,
+    samples: Annotated[int, _opt("Responses per (pair, extraction question, polarity).")] = _D["samples"],
+    max_new_tokens: Annotated[int, _opt("Length limit of each response.")] = _D["max_new_tokens"],
+    temperature: Annotated[float, _opt("Sampling temperature (0 = greedy).")] = _D["temperature"],
+    top_p: Annotated[float, _opt("Nucleus sampling.")] = _D["top_p"],
+    seed: Annotated[int, _opt("Base random seed.")] = _D["seed"],
+    method: Annotated[str, _opt("mean_diff, pca or probe.")] = _D["method"],
+    threshold: Annotated[float, _opt("Judge filter: pos trait ≥ T, neg trait < T.")] = _D["threshold"],
+    coherence_threshold: Annotated[float, _opt("Judge filter: both coherent ≥ this.")] = _D["coherence_threshold"],
+    eval_pairs: Annotated[int, _opt("System-prompt pairs answering the evaluation questions.")] = _D["eval_pairs"],
+    eval_samples: Annotated[int, _opt("Responses per (pair, evaluation question, polarity).")] = _D["eval_samples"],
+    eval_layers: Annotated[Optional[str], _opt("Layers to evaluate, e.g. 8,10,12 (default: all).")] = None,
+    token_budget: Annotated[int, _opt("Padded tokens per batch; lower it if memory runs out.")] = _D["token_budget"],
+    lenient: Annotated[bool, _opt("Accept other counts than 5 pairs and 20 + 20 questions.", "--lenient")] = False,
+    quiet: Annotated[bool, _opt("No progress bars.", "--quiet", "-q")] = False,
+) -> None:
+    """Extract a persona vector: generate contrastive responses, (judge and filter them,) read activations,
+    compute vectors, validate them on held-out questions and write a report. A rerun resumes."""
+    from personascope.extract import extract as run_extract
+
+    config = ExtractConfig(
+        trait=trait, model=model, judge=judge, judge_base_url=judge_base_url, samples=samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
+        threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
+        eval_samples=eval_samples, eval_layers=_layers(eval_layers), token_budget=token_budget,
+        lenient=lenient,
+    )
+    result = run_extract(config, out, progress=not quiet)
+    counts, best = result.summary, result.best_layer_stats()
+    dropped = [f"{counts[key]} {what}" for key, what in (("empty_pairs", "with an empty response"),
+                                                         ("rejected_pairs", "rejected by the judge")) if counts[key]]
+    if judge == "none":
+        dropped.append("no judge: all kept")
+    rows = [
+        ("responses", f"{counts['responses']} ({counts['generated']} generated now)"),
+        ("kept pairs", f"{counts['kept_pairs']} of {counts['pairs']}" + (f" ({'; '.join(dropped)})" * bool(dropped))),
+        ("best layer", str(result.evaluation.get("best_layer"))),
+        ("held-out AUROC", _number(best.get("auroc"))),
+        ("margin gain", _number(best.get("margin_gain"))),
+        ("best coef", _number(result.evaluation.get("best_coef"))),
+        ("vector", str(result.vector)),
+        ("report", str(result.report)),
+    ]
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", value)
+    console.print(table)
+    console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    from personascope.errors import PersonascopeError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise PersonascopeError(f"--eval-layers {text!r}: give layer numbers separated by commas, e.g. 8,10,12") \
+            from None
+
+
+def _number(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value) if value is not None else "-"

@@ -1,0 +1,392 @@
+"""The extraction pipeline: from a trait to a validated persona vector, stage by stage over a run directory.
+
+Stages, each skipped when its output is complete (a killed run resumes where it stopped; a finished run is not
+redone):
+
+1. `responses.jsonl`: every (pair × question × sample) answered under the pos and under the neg system prompt,
+   for the extraction questions and for (a smaller grid of) the held-out evaluation questions.
+2. `scores.jsonl` (with a judge): trait and coherence scores of every response.
+3. `vectors/<position>.safetensors`: activations of the kept extraction pairs (system prompt + question +
+   response), pooled as `response_avg`, `prompt_avg` and `prompt_last` at every layer, turned into a vector by
+   the chosen method.
+4. `eval.json` (`personascope.evaluate`), `vector.safetensors` (the `response_avg` vector with the best layer
+   and coefficient) and `report.html` (`personascope.report`).
+
+When a stage has work to do, the outputs of the stages after it are removed first, so nothing stale survives a
+crash. The run's settings go into `manifest.json`; resuming with other settings is refused.
+
+Example:
+    >>> result = extract(ExtractConfig(trait="optimistic"), "runs/optimistic")   # doctest: +SKIP
+    >>> result.vector
+    PosixPath('runs/optimistic/vector.safetensors')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personascope.activations import encode, read_activations
+from personascope.errors import PersonascopeError
+from personascope.evaluate import EvalSettings, evaluate_run
+from personascope.generate import GenerationResult, SamplingConfig, generate_responses
+from personascope.hooks import POOLS
+from personascope.judges import Judge, judge_coherence, judge_trait, make_judge
+from personascope.methods import get_method
+from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
+from personascope.report import write_report
+from personascope.rundir import JsonlLog, open_run, write_json
+from personascope.traits import TraitSpec, load_trait
+from personascope.vector import PersonaVector
+
+SPLITS = ("extract", "eval")
+POLARITIES = ("pos", "neg")
+_DERIVED = ("vectors", "eval.json", "vector.safetensors", "report.html")  # in stage order
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The settings of one extraction run.
+
+    Attributes:
+        trait: a built-in trait name or the path of a trait file.
+        model: an embedded model name, HF id or local directory.
+        judge: judge spec (`openai:MODEL`, `anthropic:MODEL`, `hf:MODEL`) or `none` (keep every pair).
+        judge_base_url: server URL for an HTTP judge (not part of the run's identity).
+        samples: responses per (pair, extraction question, polarity).
+        max_new_tokens: length limit of each response.
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus sampling.
+        seed: base seed; each generation batch is seeded from it and its first row's id.
+        method: `mean_diff` (the paper's), `pca` or `probe`.
+        threshold: a pair is kept when its pos response scores at least this for the trait, its neg response less.
+        coherence_threshold: both responses of a kept pair score at least this for coherence.
+        eval_pairs: how many of the trait's system-prompt pairs (the first ones) answer the evaluation questions.
+        eval_samples: responses per (pair, evaluation question, polarity).
+        eval_layers: the layers evaluation sweeps (None: all).
+        evaluation: the evaluation's settings (None: `EvalSettings()`, sized for a CPU).
+        token_budget: padded tokens in one batch (generation and activations).
+        max_batch: rows in one batch.
+        lenient: accept a trait with other counts than 5 pairs and 20 + 20 questions.
+    """
+
+    trait: str
+    model: str = DEFAULT_MODEL
+    judge: str = "none"
+    judge_base_url: str | None = None
+    samples: int = 1
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    method: str = "mean_diff"
+    threshold: float = 50.0
+    coherence_threshold: float = 50.0
+    eval_pairs: int = 2
+    eval_samples: int = 1
+    eval_layers: tuple[int, ...] | None = None
+    evaluation: EvalSettings | None = None
+    token_budget: int = 16384
+    max_batch: int = 64
+    lenient: bool = False
+
+    def check(self) -> None:
+        """Raise for settings that cannot work, naming the setting."""
+        get_method(self.method)
+        for name in ("samples", "max_new_tokens", "eval_pairs", "eval_samples", "token_budget", "max_batch"):
+            if getattr(self, name) < 1:
+                raise PersonascopeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("threshold", "coherence_threshold"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise PersonascopeError(f"{name} must be between 0 and 100, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise PersonascopeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class PairSelection:
+    """Which (pos, neg) response pairs of a split were kept, and why the others were not."""
+
+    kept: list[tuple[dict[str, Any], dict[str, Any]]]
+    total: int
+    empty: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What a run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        vector: `DIR/vector.safetensors`, the recommended vector (best layer and coefficient in its metadata).
+        vectors: `{position: path}` of the vectors at each pooling position.
+        evaluation: the contents of `eval.json`.
+        report: `DIR/report.html`.
+        summary: counts of the extraction split (responses, pairs, empty_pairs, rejected_pairs, kept_pairs),
+            judge_failures, and the rows generated by this call (generated).
+    """
+
+    run_dir: Path
+    vector: Path
+    vectors: dict[str, Path]
+    evaluation: dict[str, Any]
+    report: Path
+    summary: dict[str, int] = field(default_factory=dict)
+
+    def best_layer_stats(self) -> dict[str, Any]:
+        """The evaluation entry of the best layer (`auroc`, `margin_gain`, …), or {} if absent."""
+        best = self.evaluation.get("best_layer")
+        return next((e for e in self.evaluation.get("layers", []) if e.get("layer") == best), {})
+
+
+def row_id(split: str, polarity: str, pair: int, question: int, sample: int) -> str:
+    """The stable id of one response row, e.g. `extract/pos/p2/q07/s0`."""
+    return f"{split}/{polarity}/p{pair}/q{question:02d}/s{sample}"
+
+
+def plan_rows(spec: TraitSpec, config: ExtractConfig) -> list[dict[str, Any]]:
+    """Every response row the run needs (without `response`), in a fixed order."""
+    grids = {
+        "extract": (spec.instruction, spec.extract_questions, config.samples),
+        "eval": (spec.instruction[: config.eval_pairs], spec.eval_questions, config.eval_samples),
+    }
+    rows = []
+    for split, (pairs, questions, samples) in grids.items():
+        for p, pair in enumerate(pairs):
+            for q, question in enumerate(questions):
+                for s in range(samples):
+                    for polarity, system in (("pos", pair.pos), ("neg", pair.neg)):
+                        rows.append({"id": row_id(split, polarity, p, q, s), "split": split, "polarity": polarity,
+                                     "pair": p, "question_index": q, "sample": s, "system": system,
+                                     "question": question})
+    return rows
+
+
+def select_pairs(
+    rows: Iterable[dict[str, Any]],
+    scores: dict[str, dict[str, Any]] | None,
+    *,
+    split: str = "extract",
+    threshold: float = 50.0,
+    coherence_threshold: float = 50.0,
+) -> PairSelection:
+    """Pair the pos and neg rows of `split` and keep the pairs fit for extraction.
+
+    A pair with an empty response is dropped (counted in `empty`). Without `scores` (judge `none`) every other
+    pair is kept; with scores, as the reference: pos trait ≥ `threshold`, neg trait < `threshold`, both coherence
+    ≥ `coherence_threshold` (a missing or failed score rejects the pair).
+    """
+    by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row["split"] == split:
+            by_key.setdefault((row["pair"], row["question_index"], row["sample"]), {})[row["polarity"]] = row
+    kept, empty, rejected, total = [], 0, 0, 0
+    for key in sorted(by_key):
+        pair = by_key[key]
+        if set(pair) != set(POLARITIES):
+            continue
+        total += 1
+        pos, neg = pair["pos"], pair["neg"]
+        if not pos["response"].strip() or not neg["response"].strip():
+            empty += 1
+        elif scores is None or _passes(scores.get(pos["id"]), scores.get(neg["id"]), threshold, coherence_threshold):
+            kept.append((pos, neg))
+        else:
+            rejected += 1
+    return PairSelection(kept, total, empty, rejected)
+
+
+def _passes(pos: dict[str, Any] | None, neg: dict[str, Any] | None, threshold: float, coherence: float) -> bool:
+    values = [s.get(k) if s else None for s in (pos, neg) for k in ("trait", "coherence")]
+    if any(v is None for v in values):
+        return False
+    pos_trait, pos_coherence, neg_trait, neg_coherence = values
+    return pos_trait >= threshold and neg_trait < threshold and min(pos_coherence, neg_coherence) >= coherence
+
+
+def extract(
+    config: ExtractConfig, out_dir: str | Path, *, handle: ModelHandle | None = None, progress: bool = True
+) -> ExtractResult:
+    """Run (or resume) the extraction pipeline in `out_dir`.
+
+    Args:
+        config: the run's settings.
+        out_dir: the run directory (created if needed).
+        handle: an already loaded model (must be `config.model`); loaded from `config.model` otherwise.
+        progress: show progress bars.
+
+    Returns:
+        Paths of the outputs, the evaluation and the run's counts.
+
+    Raises:
+        PersonascopeError: bad settings or trait file, an unknown judge spec, a directory holding a run with other
+            settings, or too few usable pairs (the message says what to change). Written rows are kept.
+    """
+    config.check()
+    run = Path(out_dir)
+    spec = load_trait(config.trait, strict=not config.lenient)
+    judge = make_judge(config.judge, base_url=config.judge_base_url, cache_path=run / "judge_cache.sqlite")
+    if handle is None:
+        handle = load_model(config.model)
+    elif handle.name != config.model:
+        raise PersonascopeError(f"the model handle is {handle.name!r} but the config names {config.model!r}")
+    open_run(run, _identity(config, spec))
+    if not (run / "trait.json").exists():
+        write_json(run / "trait.json", spec.to_dict())
+
+    planned = plan_rows(spec, config)
+    generated = _generate(handle, planned, config, run, progress)
+    rows = [r for r in (JsonlLog(run / "responses.jsonl").read().get(p["id"]) for p in planned) if r is not None]
+    scores, failures = _judge(judge, spec, rows, run, progress) if judge is not None else (None, 0)
+    selection = select_pairs(rows, scores, threshold=config.threshold, coherence_threshold=config.coherence_threshold)
+    summary = {"responses": len(rows), "pairs": selection.total, "empty_pairs": selection.empty,
+               "rejected_pairs": selection.rejected, "kept_pairs": len(selection.kept), "judge_failures": failures}
+    _record_summary(run, summary)
+    vectors = _vectors(handle, spec, config, selection, run, progress)
+    evaluation = _evaluate(handle, judge, config, run, progress)
+    vector = _recommend(run, evaluation)
+    report = run / "report.html"
+    if not report.exists():
+        report = write_report(run)
+    return ExtractResult(run, vector, vectors, evaluation, report, {**summary, "generated": generated})
+
+
+def _identity(config: ExtractConfig, spec: TraitSpec) -> dict[str, Any]:
+    """What decides a run's results: the settings (not the judge's URL nor leniency) and the trait's content
+    (by name and hash, not by the path it was read from), as plain JSON values."""
+    identity: dict[str, Any] = {k: v for k, v in asdict(config).items() if k not in ("judge_base_url", "lenient")}
+    text = json.dumps(spec.to_dict(), sort_keys=True, ensure_ascii=False)
+    identity.update(trait=spec.name, trait_sha256=hashlib.sha256(text.encode()).hexdigest())
+    return json.loads(json.dumps(identity))
+
+
+def _clear_after(run: Path, stage: str | None) -> None:
+    """Remove the outputs derived from `stage`'s (all derived outputs when `stage` is None)."""
+    start = 0 if stage is None else _DERIVED.index(stage) + 1
+    for name in _DERIVED[start:]:
+        path = run / name
+        if path.is_dir():
+            for child in path.glob("*.safetensors"):
+                child.unlink()
+        elif path.exists():
+            path.unlink()
+
+
+def _generate(handle: ModelHandle, planned: Sequence[dict[str, Any]], config: ExtractConfig, run: Path,
+              progress: bool) -> int:
+    log = JsonlLog(run / "responses.jsonl")
+    done = set(log.read())
+    if all(p["id"] in done for p in planned):
+        return 0
+    _clear_after(run, None)
+    by_id = {p["id"]: p for p in planned}
+
+    def save(result: GenerationResult) -> None:
+        log.append({**by_id[result.id], "response": result.text})
+
+    requests = [(p["id"], handle.chat_ids(_messages(p))) for p in planned]
+    made = generate_responses(handle, requests, config.sampling(), done=done, on_result=save,
+                              token_budget=config.token_budget, max_batch=config.max_batch, progress=progress,
+                              description="Generating responses")
+    return len(made)
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+
+
+def _judge(judge: Judge, spec: TraitSpec, rows: Sequence[dict[str, Any]], run: Path,
+           progress: bool) -> tuple[dict[str, dict[str, Any]], int]:
+    """Score rows that have no score yet or whose scoring failed; returns scores by id and the failures left."""
+    log = JsonlLog(run / "scores.jsonl")
+    scores = log.read()
+    todo = [r for r in rows if r["id"] not in scores or scores[r["id"]].get("error")]
+    if todo:
+        _clear_after(run, None)
+        pairs = [(r["question"], r["response"]) for r in todo]
+        traits = judge_trait(judge, spec, pairs, progress=progress)
+        coherence = judge_coherence(judge, pairs, progress=progress)
+        for row, t, c in zip(todo, traits, coherence):
+            score = {"id": row["id"], "trait": t.score, "coherence": c.score, "error": t.error or c.error}
+            log.append(score)
+            scores[row["id"]] = score
+    return scores, sum(1 for r in rows if scores[r["id"]].get("error"))
+
+
+def _record_summary(run: Path, summary: dict[str, int]) -> None:
+    manifest_path = run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("summary") != summary:
+        manifest["summary"] = summary
+        write_json(manifest_path, manifest)
+
+
+def _vectors(handle: ModelHandle, spec: TraitSpec, config: ExtractConfig, selection: PairSelection, run: Path,
+             progress: bool) -> dict[str, Path]:
+    paths = {pool: run / "vectors" / f"{pool}.safetensors" for pool in POOLS}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    _check_enough(selection, config)
+    _clear_after(run, "vectors")
+    rows = [row for pair in selection.kept for row in pair]
+    chats = [encode(handle, r["id"], _messages(r), r["response"]) for r in rows]
+    layers = list(range(handle.num_layers + 1))
+    acts = read_activations(handle, chats, layers, POOLS, token_budget=config.token_budget,
+                            max_batch=config.max_batch, progress=progress, description="Reading activations")
+    method = get_method(config.method)
+    for pool, path in paths.items():
+        pos, neg = acts[pool][0::2], acts[pool][1::2]
+        metadata = {"model_revision": handle.revision, "method": config.method, "position": pool,
+                    "n_pos": str(len(pos)), "n_neg": str(len(neg)), "judge": config.judge,
+                    "filtered": str(config.judge != "none").lower(), "threshold": f"{config.threshold:g}",
+                    "coherence_threshold": f"{config.coherence_threshold:g}"}
+        PersonaVector(method(pos, neg), spec.name, handle.name, metadata, pos.mean(0), neg.mean(0)).save(path)
+    return paths
+
+
+def _check_enough(selection: PairSelection, config: ExtractConfig) -> None:
+    if len(selection.kept) >= 2:
+        return
+    reasons = []
+    if selection.empty:
+        reasons.append(f"{selection.empty} had an empty response (raise --max-new-tokens, or check that the model "
+                       "answers in its chat format)")
+    if selection.rejected:
+        reasons.append(f"{selection.rejected} failed the judge filter (pos trait ≥ {config.threshold:g}, neg trait < "
+                       f"{config.threshold:g}, coherence ≥ {config.coherence_threshold:g}: lower --threshold or use "
+                       "a model that follows the trait's system prompts)")
+    raise PersonascopeError(
+        f"only {len(selection.kept)} of {selection.total} extraction pairs are usable, at least 2 are needed: "
+        f"{'; '.join(reasons) or 'generate more'}; more --samples also helps. The responses are kept in the run "
+        "directory"
+    )
+
+
+def _evaluate(handle: ModelHandle, judge: Judge | None, config: ExtractConfig, run: Path, progress: bool) -> dict[str, Any]:
+    path = run / "eval.json"
+    if path.exists():
+        evaluation = json.loads(path.read_text())
+        if "best_layer" in evaluation:
+            return evaluation
+    _clear_after(run, "eval.json")
+    layers = list(config.eval_layers) if config.eval_layers is not None else None
+    evaluate_run(run, handle, judge=judge, layers=layers, settings=config.evaluation, progress=progress)
+    return json.loads(path.read_text())  # as a rerun reads it
+
+
+def _recommend(run: Path, evaluation: dict[str, Any]) -> Path:
+    path = run / "vector.safetensors"
+    if path.exists():
+        return path
+    vector = PersonaVector.load(run / "vectors" / "response_avg.safetensors")
+    vector.metadata.update(best_layer=str(evaluation["best_layer"]), best_coef=f"{evaluation['best_coef']:g}")
+    _clear_after(run, "vector.safetensors")
+    return vector.save(path)
