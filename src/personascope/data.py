@@ -71,23 +71,29 @@ def row_id(row: dict[str, Any], index: int) -> str:
     return str(value) if value is not None and str(value) != "" else str(index)
 
 
+def parse_messages(value: Any) -> list[dict[str, str]] | None:
+    """A `messages` cell (a list, or its JSON text) as `[{role, content}]` strings; None when malformed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
+        return None
+    return [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in value]
+
+
 def to_sample(row: dict[str, Any], index: int) -> ChatSample | BadRow:
     """Turn one input row into a `ChatSample`, or a `BadRow` saying what is wrong with it."""
     rid = row_id(row, index)
     if row.get("messages") is not None:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = json.loads(messages)
-            except ValueError:
-                return BadRow(rid, "'messages' is not a list of {role, content}")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        messages = parse_messages(row["messages"])
+        if messages is None:
             return BadRow(rid, "'messages' is not a list of {role, content}")
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             return BadRow(rid, "no assistant message")
-        prompt = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages[:last]]
-        response = str(messages[last].get("content") or "")
+        prompt, response = messages[:last], messages[last]["content"]
     elif "prompt" in row and "response" in row:
         prompt = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
         prompt.append({"role": "user", "content": str(row.get("prompt") or "")})

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from personascope.activations import encode, iter_activations
-from personascope.data import BadRow, load_rows, row_id
+from personascope.data import BadRow, load_rows, parse_messages, row_id
 from personascope.errors import PersonascopeError
 from personascope.generate import SamplingConfig, generate_responses, stream_chat
 from personascope.hooks import HookManager, TokenContext
@@ -254,15 +253,9 @@ def read_prompts(path: str | Path) -> tuple[list[dict[str, Any]], list[Chat]]:
 def _prompt_chat(row: dict[str, Any], index: int) -> Chat | BadRow:
     rid = row_id(row, index)
     if row.get("messages") is not None:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = json.loads(messages)
-            except ValueError:
-                return BadRow(rid, "'messages' is not a list of {role, content}")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        chat = parse_messages(row["messages"])
+        if chat is None:
             return BadRow(rid, "'messages' is not a list of {role, content}")
-        chat = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in messages]
         if chat and chat[-1]["role"] == "assistant":
             chat = chat[:-1]
     elif row.get("prompt") is not None:
