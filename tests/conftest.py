@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from personascope.batching import left_pad
 from personascope.models import ModelHandle, load_model
 
 
@@ -43,10 +44,5 @@ def tiny_any(request):
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token rows into input_ids and attention_mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+    ids, mask, _ = left_pad(rows, pad)
     return ids, mask

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from personascope.data import BadRow
 from personascope.errors import PersonascopeError
-from personascope.generate import plan_batches
+from personascope.batching import left_pad, plan_batches
 from personascope.hooks import POOLS, capture, run_forward
 from personascope.models import ModelHandle
 from personascope.progress import progress_bar
@@ -91,13 +91,7 @@ def iter_activations(
     with progress_bar(len(chats), description, enabled=progress) as bar:
         for batch in batches:
             rows = [chats[i] for i in batch]
-            width = max(len(r.ids) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, row in enumerate(rows):
-                ids[j, width - len(row.ids):] = torch.tensor(row.ids)
-                mask[j, width - len(row.ids):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_pad([r.ids for r in rows], pad)
             lengths = [r.prompt_len for r in rows]
             with capture(handle, list(layers), list(pools), prompt_lengths=lengths, stop_after=True) as cap:
                 run_forward(handle, input_ids=ids.to(device), attention_mask=mask.to(device),

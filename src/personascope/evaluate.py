@@ -38,7 +38,8 @@ from torch import Tensor
 
 from personascope.activations import EncodedChat, check_lengths, encode, fit_to_context, read_activations
 from personascope.errors import PersonascopeError
-from personascope.generate import SamplingConfig, generate_responses, plan_batches
+from personascope.batching import left_pad, plan_batches
+from personascope.generate import SamplingConfig, generate_responses
 from personascope.hooks import HookManager, TokenContext, run_forward, steer
 from personascope.judges import Judge, judge_coherence, judge_trait
 from personascope.models import ModelHandle
@@ -200,16 +201,6 @@ def separation(
 # -- likelihood margin --------------------------------------------------------------------------------------
 
 
-def _left_pad(chats: Sequence[EncodedChat], pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    width = max(len(c.ids) for c in chats)
-    ids = torch.full((len(chats), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(chats), width), dtype=torch.long)
-    for row, chat in enumerate(chats):
-        ids[row, width - len(chat.ids):] = torch.tensor(chat.ids)
-        mask[row, width - len(chat.ids):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def response_loglik(
     handle: ModelHandle,
     vector: PersonaVector | Tensor,
@@ -239,7 +230,7 @@ def response_loglik(
     pad = handle.tokenizer.pad_token_id
     for batch in batches:
         rows = [chats[jobs[b][1]] for b in batch]
-        ids, mask, positions = _left_pad(rows, pad)
+        ids, mask, positions = left_pad([r.ids for r in rows], pad)
         answer = [len(r.ids) - r.prompt_len for r in rows]
         keep = max(answer) + 1
         coef = torch.tensor([float(coefs[jobs[b][0]]) for b in batch])

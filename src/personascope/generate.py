@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import TextStreamer
 
+from personascope.batching import left_pad, plan_batches
 from personascope.errors import PersonascopeError
 from personascope.models import ModelHandle
 from personascope.progress import progress_bar
@@ -59,25 +60,6 @@ class BatchMonitor(Protocol):
     def begin(self) -> None: ...
 
     def end(self) -> Tensor: ...
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int, max_batch: int) -> list[list[int]]:
-    """Group request indices into batches of similar length whose padded size stays within `token_budget`.
-
-    Indices are sorted longest first (an out-of-memory error shows at once, not at the end).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        width = (lengths[current[0]] if current else lengths[index]) + max_new_tokens
-        if current and (len(current) >= max_batch or (len(current) + 1) * width > token_budget):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _seed_for(base_seed: int, row_id: str) -> int:
@@ -157,13 +139,9 @@ def _generate_batch(
     handle: ModelHandle, prompts: list[list[int]], sampling: SamplingConfig, seed: int
 ) -> list[tuple[str, list[int]]]:
     device = handle.device
-    width = max(len(p) for p in prompts)
     pad = handle.tokenizer.pad_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+    ids, mask, _ = left_pad(prompts, pad)
+    width = ids.shape[1]
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = handle.model.generate(

@@ -1,0 +1,38 @@
+"""Batching for forward passes and generation: length-sorted batches under a token budget, left padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int, max_batch: int) -> list[list[int]]:
+    """Group request indices into batches of similar length whose padded size stays within `token_budget`.
+
+    Indices are sorted longest first (an out-of-memory error shows at once, not at the end).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        width = (lengths[current[0]] if current else lengths[index]) + max_new_tokens
+        if current and (len(current) >= max_batch or (len(current) + 1) * width > token_budget):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad token rows: `input_ids`, `attention_mask` and per-row `position_ids` (0 at each first real token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
