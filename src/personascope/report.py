@@ -44,6 +44,8 @@ def _by_layer(layers: list[dict[str, Any]], key: str, label: str, best: int) -> 
     def draw(ax: Any) -> None:
         points = [(e["layer"], e[key]) for e in layers if e.get(key) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3)
+        chosen = [(e["layer"], e[key]) for e in layers if e.get(key) is not None and e.get("eligible")]
+        ax.plot([p[0] for p in chosen], [p[1] for p in chosen], "o", ms=6, mfc="none", label="eligible (AUROC)")
         ax.axvline(best, color="tab:red", ls="--", lw=1, label=f"best layer {best}")
         if key == "auroc":
             ax.axhline(0.5, color="grey", lw=0.8)
@@ -140,7 +142,7 @@ def render_report(evaluation: dict[str, Any], config: dict[str, Any] | None = No
     parts += [f'<p class="note">{escape(n)}</p>' for n in evaluation.get("notes", [])]
     layers = evaluation["layers"]
     plots = [_figure_png(_by_layer(layers, "auroc", "held-out AUROC", best)),
-             _figure_png(_by_layer(layers, "margin_gain", "likelihood margin gain", best)),
+             _figure_png(_by_layer(layers, "margin_gain", f"margin gain at {layers[0]['fraction']:g}·norm", best)),
              _figure_png(_histogram(evaluation["projections"])),
              _figure_png(_sweep(evaluation["sweep"], best))]
     if evaluation.get("steering_curve"):
