@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from personascope.activations import EncodedChat
+from personascope.batching import left_pad
 from personascope.models import ModelHandle
 from personascope.rundir import write_json
 from personascope.traits import builtin_trait_names, load_trait
@@ -78,12 +79,7 @@ def trait_chats(
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded into `input_ids` and `attention_mask` on `device`."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
-        mask[row, width - len(prompt) :] = 1
+    ids, mask, _ = left_pad(prompts, pad)
     return ids.to(device), mask.to(device)
 
 

@@ -40,6 +40,20 @@ def test_activations_benchmark_reads_the_same_values_as_the_reference_loop(embed
     assert saved["machine"]["date"] and saved["layer"] == 20
 
 
+def test_generate_benchmark_times_plain_steered_and_monitored(embedded, tmp_path):
+    bench = _script("generate")
+    out = tmp_path / "generate.json"
+    args = bench.parser().parse_args(["--batches", "2", "--new-tokens", "3", "--repeats", "1", "--json", str(out)])
+    bench.run(args, embedded)
+    saved = json.loads(out.read_text())
+    for batch in ("batch_2",):
+        assert set(saved["tokens_per_s"][batch]) == {"plain", "steered", "monitored"}
+        assert all(v > 0 for v in saved["tokens_per_s"][batch].values())
+        assert set(saved["overhead"][batch]) == {"steered", "monitored"}
+        assert saved["overhead"][batch]["steered"] == pytest.approx(
+            1 - saved["tokens_per_s"][batch]["steered"] / saved["tokens_per_s"][batch]["plain"])
+
+
 def test_gpu_benchmark_tiny_steers_inside_the_compiled_static_cache_path(tmp_path):
     """The GPU script's code paths on a tiny model; Dynamo (fullgraph, no inductor: fast) traces the steering
     hook into the static-cache decoding graph, and greedy tokens match eager steered decoding."""
@@ -56,3 +70,16 @@ def test_gpu_benchmark_tiny_steers_inside_the_compiled_static_cache_path(tmp_pat
         "plain_first_difference": None, "steered_first_difference": None, "steered_differs_from_plain": True}
     assert set(compiled["runs"]) == {"eager plain", "eager steered", "compiled plain", "compiled steered"}
     assert set(saved["generation"]["batches"]["1"]["runs"]) == {"eager plain", "eager steered"}
+
+
+def test_screen_benchmark_reports_samples_per_second_and_peak_memory(embedded, tmp_path):
+    bench = _script("screen")
+    out = tmp_path / "screen.json"
+    args = bench.parser().parse_args(["--rows", "4", "--generate-rows", "2", "--new-tokens", "3", "--longest", "24",
+                                      "--memory-rows", "12", "--json", str(out)])
+    bench.run(args, embedded)
+    saved = json.loads(out.read_text())
+    for base, rows in (("prompt-last", 4), ("generate", 2)):
+        assert saved["throughput"][base]["scored"] == rows
+        assert saved["throughput"][base]["samples_per_s"] > 0
+    assert saved["memory"]["12"]["peak_rss_mib"] > 100  # a fresh process that loaded torch and the model
