@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common import console, interleave, machine, print_table, rate, save, trait_chats
+from common import console, interleave, machine, print_table, rate, save, set_threads, trait_chats
 from personascope.activations import EncodedChat, read_activations
 from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 
@@ -59,6 +59,7 @@ def compare(ours: Tensor, reference: Tensor, min_cosine: float) -> dict[str, Any
 
 def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str, Any]:
     """Time both readers on the same chats, compare their values, print a table and return the figures."""
+    set_threads(args.threads)
     handle = handle or load_model(args.model)
     chats = trait_chats(handle, args.rows, args.trait, shortest=args.shortest, longest=args.longest)
     tokens = sum(len(c.ids) for c in chats)
@@ -121,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cosine", type=float, default=0.9999, help="per-row cosine for same_values")
     p.add_argument("--variants", action="store_true",
                    help="also time the reference without autograd and personascope reading every layer")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.add_argument("--json", help="write the figures here")
     return p
 

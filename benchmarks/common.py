@@ -83,6 +83,16 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads for torch's operators (None: torch's default, one per core).
+
+    On a machine shared with other jobs, one thread per process keeps small batch-1 operators from waiting on
+    a descheduled partner thread, which would inflate every batched/unbatched ratio.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a host clock reads the real time."""
     if device.type == "cuda":

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common import console, interleave, left_padded, machine, print_table, rate, save, trait_messages
+from common import (
+    console, interleave, left_padded, machine, print_table, rate, save, set_threads, trait_messages,
+)
 from personascope.hooks import steer
 from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.monitor import GenerationTrace, Probe
@@ -63,6 +65,7 @@ def generation_cases(
 
 def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str, Any]:
     """Time the three cases at each batch size; print a table and return the figures."""
+    set_threads(args.threads)
     handle = handle or load_model(args.model)
     vector = random_vector(handle)
     messages = trait_messages(args.trait, max(args.batches), system=False)
@@ -115,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=20, help="layer steered and monitored (default 20)")
     p.add_argument("--coef", type=float, default=8.0, help="steering coefficient on a unit vector (default 8)")
     p.add_argument("--trait", default="evil", help="built-in trait whose questions are the prompts")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.add_argument("--json", help="write the figures here")
     return p
 

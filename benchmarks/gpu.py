@@ -67,7 +67,7 @@ def build_model(config: dict[str, Any], dtype: torch.dtype, device: torch.device
     cfg = AutoConfig.for_model(**config)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
+    model.to(device).eval()
     model.generation_config.pad_token_id = PAD
     return ModelHandle(model=model, tokenizer=TokenIds(), name=f"random-{config['model_type']}")
 
@@ -182,6 +182,8 @@ class Benchmark:
                                         "config": self.config, "skipped": []}
         self.table: list[list[Any]] = []
         self.handle: ModelHandle | None = None
+        self.new_tokens = 8 if args.tiny else args.new_tokens
+        self.eager_tokens: dict[int, dict[str, Tensor]] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -189,12 +191,17 @@ class Benchmark:
     def part(self, name: str, fn: Any) -> None:
         """Run one part unless the time budget is spent; record and save its figures."""
         if self.elapsed() > self.args.budget_s:
-            console.print(f"[yellow]skipped {name}: {self.elapsed():.0f} s used of the {self.args.budget_s} s budget[/]")
+            console.print(f"[yellow]skipped {name}: {self.elapsed():.0f} s used of {self.args.budget_s:.0f} s[/]")
             self.figures["skipped"].append(name)
             return
         console.print(f"[bold]{name}[/] (at {self.elapsed():.0f} s)")
         start = time.perf_counter()
-        self.figures[name] = fn()
+        try:
+            self.figures[name] = fn()
+        except Exception as exc:  # keep the other parts' figures: a lease is too short to rerun everything
+            console.print_exception()
+            self.figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.table.append([name, "FAILED", f"{type(exc).__name__}: {str(exc)[:60]}"])
         self.figures[name]["part_seconds"] = round(time.perf_counter() - start, 1)
         save(self.json, self.figures)
 
@@ -246,82 +253,89 @@ class Benchmark:
                                f"{speeds[name] / speeds['reference']:.2f}× ref; {note}"])
         self.table.append(["activations: same values", str(check["same_values"]),
                            f"min cosine {check['min_cosine']:.5f}, max rel diff {check['max_rel_diff']:.1e}"])
-        # Steer with a vector as long as a typical activation at this layer: strong enough to change tokens.
-        self.steer_norm = float(results["reference"].norm(dim=-1).mean())
-        return {"rows": rows, "tokens": tokens, "layer": layer, "seconds": times, "tokens_per_s": speeds,
+        return {"mean_norm": float(results["reference"].norm(dim=-1).mean()),
+                "rows": rows, "tokens": tokens, "layer": layer, "seconds": times, "tokens_per_s": speeds,
                 "speedup": speeds[best] / speeds["reference"], "best": best, "flops_per_token": ours_flops / tokens,
                 "reference_flops_per_token": reference_flops / tokens, "fraction_of_peak": fraction, **check}
 
-    def generation(self) -> dict[str, Any]:
-        args, handle = self.args, self.handle
+    def _prompts(self, batch: int) -> tuple[Tensor, Tensor]:
+        """`batch` left-padded prompts of random ids (the same ones for every case at that batch size)."""
+        rng = random.Random(batch)
+        shortest, longest = (16, 48) if self.args.tiny else (60, 120)
+        prompts = [[rng.randrange(3, self.config["vocab_size"]) for _ in range(rng.randint(shortest, longest))]
+                   for _ in range(batch)]
+        return left_padded(prompts, PAD, self.device)
+
+    def _pair(self, batch: int, label: str, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Plain and steered decoding of the batch's prompts, alternating; the first run of each warms up (and,
+        on the static path, compiles its graph). Returns the timings and each case's tokens."""
+        handle, layer = self.handle, min(self.args.layer, self.config["num_hidden_layers"])
         assert handle is not None
-        new_tokens = 8 if args.tiny else args.new_tokens
-        layer = min(args.layer, handle.num_layers)
-        generator = torch.Generator().manual_seed(1)
-        direction = torch.randn(handle.hidden_size, generator=generator)
-        vector = direction / direction.norm() * getattr(self, "steer_norm", 1.0)
-        rng = random.Random(1)
-        out: dict[str, Any] = {"new_tokens": new_tokens, "layer": layer, "batches": {}}
-        bytes_per_step = self.figures["model"]["weight_bytes_per_step"]
+        ids, mask = self._prompts(batch)
+        new_tokens = self.new_tokens
+        direction = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(1))
+        # As long as a typical activation at this layer: strong enough to change the greedy tokens.
+        vector = direction / direction.norm() * self.figures.get("activations", {}).get("mean_norm", 1.0)
+
+        def steered() -> Tensor:
+            with steer(handle, vector, layer, coef=1.0):
+                return decode(handle, ids, mask, new_tokens, **kwargs)
+
+        cases = {f"{label} plain": lambda: decode(handle, ids, mask, new_tokens, **kwargs),
+                 f"{label} steered": steered}
+        warmup, _ = interleave(cases, 1, self.device)
+        times, tokens = interleave(cases, self.args.repeats, self.device)
+        runs = {name: {"seconds": t, "tokens_per_s": rate(batch * new_tokens, t),
+                       "warmup_seconds": round(warmup[name][0], 1)} for name, t in times.items()}
+        for name, run in runs.items():
+            bound = self._bound(batch)
+            note = f"{100 * run['tokens_per_s'] / bound:.0f}% of bandwidth bound" if bound else ""
+            self.table.append([f"generate b={batch}: {name}", f"{run['tokens_per_s']:,.1f} tokens/s", note])
+        return runs, tokens
+
+    def _bound(self, batch: int) -> float | None:
+        """Tokens/s if each decoding step only read the weights once at the measured copy bandwidth."""
         bandwidth = self.figures.get("ceilings", {}).get("bandwidth_bytes_per_s")
-        shortest, longest = (16, 48) if args.tiny else (60, 120)
-        for batch in args.batches:
-            prompts = [[rng.randrange(3, self.config["vocab_size"]) for _ in range(rng.randint(shortest, longest))]
-                       for _ in range(batch)]
-            ids, mask = left_padded(prompts, PAD, self.device)
-            runs: dict[str, dict[str, Any]] = {}
-            figures: dict[str, Any] = {"runs": runs}
+        return batch * bandwidth / self.figures["model"]["weight_bytes_per_step"] if bandwidth else None
 
-            def run_pair(label: str, **kwargs: Any) -> dict[str, Tensor]:
-                def steered() -> Tensor:
-                    with steer(handle, vector, layer, coef=1.0):
-                        return decode(handle, ids, mask, new_tokens, **kwargs)
-
-                cases = {f"{label} plain": lambda: decode(handle, ids, mask, new_tokens, **kwargs),
-                         f"{label} steered": steered}
-                warmup, _ = interleave(cases, 1, self.device)  # compiles the plain and steered graphs when static
-                times, tokens = interleave(cases, args.repeats, self.device)
-                for name, t in times.items():
-                    runs[name] = {"seconds": t, "tokens_per_s": rate(batch * new_tokens, t),
-                                  "warmup_seconds": round(warmup[name][0], 1)}
-                return tokens
-
-            eager = run_pair("eager")
-            if batch in args.compile_batches and not args.no_compile:
-                compiled = run_pair("compiled", cache_implementation="static",
-                                    compile_config=compile_config(self.device, args.compile_backend))
-                figures["compiled_equals_eager"] = {
-                    "plain_first_difference": first_difference(compiled["compiled plain"], eager["eager plain"]),
-                    "steered_first_difference": first_difference(compiled["compiled steered"], eager["eager steered"]),
-                    "steered_differs_from_plain": not torch.equal(compiled["compiled steered"],
-                                                                  compiled["compiled plain"]),
-                }
-                figures["steered_cost"] = 1 - runs["compiled steered"]["tokens_per_s"] / runs["compiled plain"][
-                    "tokens_per_s"]
-                figures["compiled_vs_eager"] = runs["compiled plain"]["tokens_per_s"] / runs["eager plain"][
-                    "tokens_per_s"]
-            figures["eager_steered_differs_from_plain"] = not torch.equal(eager["eager steered"],
-                                                                          eager["eager plain"])
-            if bandwidth:
-                figures["bandwidth_bound_tokens_per_s"] = batch * bandwidth / bytes_per_step
-            for name, run in runs.items():
-                speed = run["tokens_per_s"]
-                note = (f"{100 * speed / figures['bandwidth_bound_tokens_per_s']:.0f}% of bandwidth bound"
-                        if bandwidth else "")
-                self.table.append([f"generate b={batch}: {name}", f"{speed:,.1f} tokens/s", note])
-            if bandwidth:
+    def eager_generation(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"new_tokens": self.new_tokens, "batches": {}}
+        for batch in self.args.batches:
+            runs, tokens = self._pair(batch, "eager")
+            self.eager_tokens[batch] = tokens
+            figures = {"runs": runs, "bandwidth_bound_tokens_per_s": self._bound(batch),
+                       "steered_differs_from_plain": not torch.equal(tokens["eager steered"], tokens["eager plain"])}
+            if figures["bandwidth_bound_tokens_per_s"]:
                 self.table.append([f"generate b={batch}: bandwidth bound",
                                    f"{figures['bandwidth_bound_tokens_per_s']:,.0f} tokens/s",
-                                   f"{bytes_per_step / 1e9:.3g} GB of weights per step"])
-            if "compiled_equals_eager" in figures:
-                check = figures["compiled_equals_eager"]
-                self.table.append([f"generate b={batch}: compiled steered = eager steered",
-                                   str(check["steered_first_difference"] is None),
-                                   f"differs from plain: {check['steered_differs_from_plain']}; "
-                                   f"steering costs {100 * figures['steered_cost']:+.1f}%"])
+                                   f"{self.figures['model']['weight_bytes_per_step'] / 1e9:.3g} GB of weights/step"])
             out["batches"][str(batch)] = figures
-        if args.no_compile or not args.compile_batches:
-            console.print("[yellow]the compiled path was skipped (--no-compile or no --compile-batches)[/]")
+        return out
+
+    def compiled_generation(self) -> dict[str, Any]:
+        config = compile_config(self.device, self.args.compile_backend)
+        out: dict[str, Any] = {"new_tokens": self.new_tokens, "backend": self.args.compile_backend,
+                               "mode": config.mode, "batches": {}}
+        for batch in self.args.compile_batches:
+            runs, tokens = self._pair(batch, "compiled", cache_implementation="static", compile_config=config)
+            plain, steered = runs["compiled plain"]["tokens_per_s"], runs["compiled steered"]["tokens_per_s"]
+            figures: dict[str, Any] = {"runs": runs, "steered_cost": 1 - steered / plain,
+                                       "steered_differs_from_plain": not torch.equal(tokens["compiled steered"],
+                                                                                     tokens["compiled plain"])}
+            eager = self.eager_tokens.get(batch)
+            if eager is not None:
+                eager_plain = self.figures["eager_generation"]["batches"][str(batch)]["runs"]["eager plain"]
+                figures["vs_eager_plain"] = plain / eager_plain["tokens_per_s"]
+                figures["plain_first_difference"] = first_difference(tokens["compiled plain"], eager["eager plain"])
+                figures["steered_first_difference"] = first_difference(tokens["compiled steered"],
+                                                                       eager["eager steered"])
+                self.table.append([f"generate b={batch}: compiled steered = eager steered",
+                                   str(figures["steered_first_difference"] is None),
+                                   f"plain = eager plain: {figures['plain_first_difference'] is None}; "
+                                   f"{figures['vs_eager_plain']:.2f}× eager"])
+            self.table.append([f"generate b={batch}: compiled steering cost", f"{100 * figures['steered_cost']:+.1f}%",
+                               f"steered differs from plain: {figures['steered_differs_from_plain']}"])
+            out["batches"][str(batch)] = figures
         return out
 
     def run(self) -> dict[str, Any]:
@@ -330,7 +344,11 @@ class Benchmark:
         self.part("ceilings", self.ceilings)
         self.part("model", self.model)
         self.part("activations", self.activations)
-        self.part("generation", self.generation)
+        self.part("eager_generation", self.eager_generation)
+        if self.args.compile_batches:
+            self.part("compiled_generation", self.compiled_generation)
+        else:
+            console.print("[yellow]the static-cache compiled path was skipped (no --compile-batches)[/]")
         self.figures["total_seconds"] = round(self.elapsed(), 1)
         save(self.json, self.figures)
         print_table(f"GPU benchmark ({self.figures['machine'].get('gpu', self.device.type)}, "
@@ -350,10 +368,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each case (default 2)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="generation batch sizes (default 1 16)")
     p.add_argument("--compile-batches", type=int, nargs="*", default=[1],
-                   help="batch sizes also run compiled (default 1; each costs two compilations)")
+                   help="batch sizes also run compiled (default 1; each costs two compilations; none to skip)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    p.add_argument("--no-compile", action="store_true", help="skip the static-cache compiled path")
     p.add_argument("--min-cosine", type=float, default=0.999, help="per-row cosine for same_values (bf16)")
     p.add_argument("--budget-s", type=float, default=420, help="skip parts that would start after this many seconds")
     p.add_argument("--json", help="write the figures here (default $OUT/gpu.json when $OUT is set)")
