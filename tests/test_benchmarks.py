@@ -71,3 +71,16 @@ def test_gpu_benchmark_tiny_steers_inside_the_compiled_static_cache_path(tmp_pat
     assert set(compiled["runs"]) == {"compiled plain", "compiled steered"}
     assert set(saved["eager_generation"]["batches"]) == {"1", "3"}
     assert saved["eager_generation"]["batches"]["3"]["steered_differs_from_plain"] is True
+
+
+def test_screen_benchmark_reports_samples_per_second_and_peak_memory(embedded, tmp_path):
+    bench = _script("screen")
+    out = tmp_path / "screen.json"
+    args = bench.parser().parse_args(["--rows", "4", "--generate-rows", "2", "--new-tokens", "3", "--longest", "24",
+                                      "--memory-rows", "12", "--json", str(out)])
+    bench.run(args, embedded)
+    saved = json.loads(out.read_text())
+    for base, rows in (("prompt-last", 4), ("generate", 2)):
+        assert saved["throughput"][base]["scored"] == rows
+        assert saved["throughput"][base]["samples_per_s"] > 0
+    assert saved["memory"]["12"]["peak_rss_mib"] > 100  # a fresh process that loaded torch and the model
