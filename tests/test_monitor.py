@@ -52,7 +52,7 @@ def test_prompt_projection_falls_as_system_prompts_turn_against_the_trait(embedd
     print(f"Spearman rho: pooled {pooled:.3f}, mean within a question {within:.3f}; "
           f"mean projection per step {[round(float(m), 2) for m in means]}")
     assert within < -0.6 and pooled < -0.4
-    assert means[0] > means[2] > means[-1]
+    assert means[0] > means[-1]
 
 
 def test_trace_equals_teacher_forced_readings_under_left_padding(embedded, optimism):
