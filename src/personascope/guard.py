@@ -19,6 +19,7 @@ JSONL file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +104,7 @@ class PreventativeSteering(TrainerCallback):
             raise PersonascopeError(f"unknown guard mode {mode!r}: use steer or ablate")
         if incremental and mode != "steer":
             raise PersonascopeError("incremental applies to mode='steer' only: ablation removes each layer's own direction")
-        if not isinstance(coef, (int, float)) or coef != coef or coef in (float("inf"), float("-inf")):
+        if not isinstance(coef, (int, float)) or not math.isfinite(coef):
             raise PersonascopeError(f"guard coefficient must be a finite number, got {coef!r}")
         self.vector = vector
         self.layers = layers
