@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
     check = compare(results["personascope"], results["reference"], args.min_cosine)
     print_table(
         f"Activation reading ({handle.name}, layer {args.layer}, {len(chats)} chats, {tokens:,} tokens)",
-        ["method", "median s", "tokens/s", "× reference"],
+        ["method", "best s", "tokens/s", "× reference"],
         [[name, tokens / speeds[name], speeds[name], speeds[name] / speeds["reference"]] for name in timed],
     )
     console.print(f"same values: {check['same_values']} (max abs diff {check['max_abs_diff']:.2e}, "

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
                  for name in cases]
     print_table(
         f"Generation ({handle.name}, {args.new_tokens} new tokens per row, greedy, layer {args.layer}, "
-        f"median of {args.repeats})",
+        f"best of {args.repeats})",
         ["batch", "case", "tokens/s", "cost vs plain"], rows,
     )
     figures = {
