@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from personascope import PersonascopeError, PersonaVector, steer
-from personascope.guard import PreventativeSteering, guard_layers
+from personascope.guard import PreventativeSteering
 from personascope.hooks import HookManager
+from personascope.layers import parse_layers
 from personascope.models import decoder_layers, hidden_size
 
 from .conftest import left_padded
@@ -140,12 +141,14 @@ def test_bad_vectors_and_layers_stop_before_anything_is_attached(tiny_llama):
         PreventativeSteering(good, 1, coef=float("nan"))
 
 
-def test_guard_layers_all_is_every_residual_layer():
-    assert guard_layers("all", 30) == list(range(1, 30))
-    assert guard_layers("12, 10", 30) == [10, 12]
-    assert guard_layers(7, 30) == [7]
-    with pytest.raises(PersonascopeError, match="comma-separated"):
-        guard_layers("middle", 30)
+def test_layer_choices_all_ranges_and_lists():
+    assert parse_layers("all", 30) == list(range(1, 30))
+    assert parse_layers("12, 10", 30) == [10, 12]
+    assert parse_layers("6-8,12,7") == [6, 7, 8, 12]
+    assert parse_layers(7, 30) == [7]
+    for bad, message in (("middle", "a range like 6-14"), ("", "no layers given"), ("all", "not available")):
+        with pytest.raises(PersonascopeError, match=message):
+            parse_layers(bad)
 
 
 def test_trainer_callback_attaches_for_training_and_detaches_after(tmp_path):

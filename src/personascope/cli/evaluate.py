@@ -33,7 +33,9 @@ def evaluate(
     from personascope.models import DEFAULT_MODEL, load_model
     from personascope.vector import PersonaVector
 
-    chosen = _parse_layers(layers)
+    from personascope.layers import parse_layers
+
+    chosen = None if layers is None else parse_layers(layers, option="--layers")
     if target.is_dir():
         if trait is not None:
             raise PersonascopeError("--trait applies to a bare vector file; a run directory has its own trait.json")
@@ -60,20 +62,6 @@ def evaluate(
     else:
         raise PersonascopeError(f"{target} does not exist: give a run directory or a .safetensors vector file")
     _print(result, report)
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    """`8,10,12` or `6-14` (inclusive) or a mix."""
-    if text is None:
-        return None
-    chosen: list[int] = []
-    try:
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            low, _, high = part.partition("-")
-            chosen += list(range(int(low), int(high) + 1)) if high else [int(low)]
-    except ValueError:
-        raise PersonascopeError(f"--layers {text!r}: give layers like 8,10,12 or a range like 6-14") from None
-    return chosen
 
 
 def _run_model(run_dir: Path) -> str | None:

@@ -36,7 +36,7 @@ def extract(
     coherence_threshold: Annotated[float, _opt("Judge filter: both coherent ≥ this.")] = _D["coherence_threshold"],
     eval_pairs: Annotated[int, _opt("System-prompt pairs answering the evaluation questions.")] = _D["eval_pairs"],
     eval_samples: Annotated[int, _opt("Responses per (pair, evaluation question, polarity).")] = _D["eval_samples"],
-    eval_layers: Annotated[Optional[str], _opt("Layers to evaluate, e.g. 8,10,12 (default: all).")] = None,
+    eval_layers: Annotated[Optional[str], _opt("Layers to evaluate, e.g. 8,10,12 or 6-14 (default: all).")] = None,
     token_budget: Annotated[int, _opt("Padded tokens per batch; lower it if memory runs out.")] = _D["token_budget"],
     lenient: Annotated[bool, _opt("Accept other counts than 5 pairs and 20 + 20 questions.", "--lenient")] = False,
     quiet: Annotated[bool, _opt("No progress bars.", "--quiet", "-q")] = False,
@@ -44,12 +44,13 @@ def extract(
     """Extract a persona vector: generate contrastive responses, (judge and filter them,) read activations,
     compute vectors, validate them on held-out questions and write a report. A rerun resumes."""
     from personascope.extract import extract as run_extract
+    from personascope.layers import parse_layers
 
     config = ExtractConfig(
         trait=trait, model=model, judge=judge, judge_base_url=judge_base_url, samples=samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
         threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
-        eval_samples=eval_samples, eval_layers=_layers(eval_layers), token_budget=token_budget,
+        eval_samples=eval_samples, eval_layers=None if eval_layers is None else tuple(parse_layers(eval_layers, option="--eval-layers")), token_budget=token_budget,
         lenient=lenient,
     )
     result = run_extract(config, out, progress=not quiet)
@@ -73,18 +74,6 @@ def extract(
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
     console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
-
-
-def _layers(text: str | None) -> tuple[int, ...] | None:
-    from personascope.errors import PersonascopeError
-
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise PersonascopeError(f"--eval-layers {text!r}: give layer numbers separated by commas, e.g. 8,10,12") \
-            from None
 
 
 def _number(value: object) -> str:
