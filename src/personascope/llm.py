@@ -201,8 +201,8 @@ def _dig(reply: dict[str, Any], spec: str, *path: str | int) -> Any:
 
 
 @dataclass
-class OpenAIChat:
-    """Any server speaking OpenAI's ``/chat/completions`` (OpenAI, vLLM, Ollama, llama.cpp, …)."""
+class _HTTPChat:
+    """A chat model behind an HTTP API: its spec, model name and endpoint."""
 
     spec: str
     model: str
@@ -211,6 +211,11 @@ class OpenAIChat:
     @property
     def identity(self) -> str:
         return f"{self.spec}@{self.endpoint.base}"
+
+
+@dataclass
+class OpenAIChat(_HTTPChat):
+    """Any server speaking OpenAI's ``/chat/completions`` (OpenAI, vLLM, Ollama, llama.cpp, …)."""
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0,
                  json_mode: bool = False) -> str:
@@ -232,16 +237,8 @@ class OpenAIChat:
 
 
 @dataclass
-class AnthropicChat:
+class AnthropicChat(_HTTPChat):
     """Anthropic's Messages API. It exposes no logprobs, so judges fall back to the reply text."""
-
-    spec: str
-    model: str
-    endpoint: _Endpoint
-
-    @property
-    def identity(self) -> str:
-        return f"{self.spec}@{self.endpoint.base}"
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0,
                  json_mode: bool = False) -> str:
