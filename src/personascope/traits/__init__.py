@@ -3,7 +3,7 @@
 Example:
     >>> from personascope.traits import load_trait, builtin_trait_names
     >>> builtin_trait_names()
-    ['apathetic', 'evil', 'hallucinating', 'humorous', 'impolite', 'optimistic', 'sycophantic']
+    ['apathetic', 'evil', 'hallucinating', 'humorous', 'impolite', 'optimistic', 'pirate', 'sycophantic']
     >>> spec = load_trait("humorous")             # a built-in
     >>> spec = load_trait("my_trait.json")        # a trait file (ours or the reference's combined layout)
     >>> spec = load_trait("data_generation", name="evil")  # the reference's split layout
