@@ -6,13 +6,17 @@
    `trait` — the answers given under the trait's pos system prompts; `ordinary` — answers sampled with no system
    prompt (the model's own default behaviour), as many per question.
 3. Fine-tune LoRA adapters with one seed: (a) ordinary, (b) trait, (c) trait with `PreventativeSteering` toward
-   the trait at the vector's best layer.
+   the trait at the vector's best layer with personascope's default guard coefficient (a quarter of the vector's
+   best steering coefficient), and the same at other fractions of the best coefficient (`--guard-sweep`) to show
+   how the shift falls as the guard strengthens.
 4. Measure each adapter, loaded from disk with no steering: the projection shift of the last-prompt-token
    activation on the held-out eval questions versus the base model (`personascope.shift`), and the likelihood
    margin of held-out pos vs neg answers (`personascope.evaluate`), plus judged trait scores with `--judge`.
 5. Write `experiments/results/preventative_steering.{md,json}`.
 
-Every stage resumes from its run directory (`--work`); rerunning with other settings is refused.
+Every stage resumes from its run directory (`--work`): answers are kept per data setting, and each adapter in
+a folder named by a hash of its own training settings, so changing, say, the guard coefficient retrains only the
+guarded runs. Changing the data settings (trait, model, answer length, seed) needs a new `--work`.
 
     python experiments/preventative_steering.py            # defaults: optimistic, ~20-25 min alone on 2 CPU cores
 """
@@ -36,7 +40,7 @@ from personascope.evaluate import likelihood_margin, plain_chats, steered_answer
 from personascope.extract import ExtractConfig, extract
 from personascope.finetune import FinetuneConfig, finetune
 from personascope.generate import SamplingConfig, generate_responses
-from personascope.guard import PreventativeSteering
+from personascope.guard import PreventativeSteering, default_guard_coef
 from personascope.judges import judge_trait, make_judge
 from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.rundir import JsonlLog, open_run, write_json
@@ -82,8 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=32)
     parser.add_argument("--lora-alpha", type=int, default=64)
-    parser.add_argument("--guard-coef", type=float, default=None, help="default: the vector's best coefficient")
+    parser.add_argument("--guard-coef", type=float, default=None,
+                        help="default: personascope's default, a quarter of the vector's best coefficient")
     parser.add_argument("--guard-layers", default=None, help="default: the vector's best layer")
+    parser.add_argument("--guard-sweep", default="0.1,1",
+                        help="extra guarded runs at these fractions of the vector's best coefficient "
+                             "(comma-separated; '' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default="none", help="judge spec for trait scores (openai:MODEL, …) or none")
     return parser.parse_args(argv)
@@ -123,19 +131,26 @@ def training_sets(work: Path, handle: ModelHandle, spec_questions: list[str], ar
     return paths
 
 
-def train(name: str, data: Path, adapters: Path, vector: PersonaVector, layers: list[int], coef: float,
+def adapter_dir(work: Path, name: str, training: dict[str, Any], guard: dict[str, Any] | None) -> Path:
+    """The folder of one fine-tuning run, named by a hash of everything that shapes its weights."""
+    config = {"data": name.replace("_guarded", ""), **training, "guard": guard}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return open_run(work / "adapters" / f"{name}-{key}", config, stage="experiment")
+
+
+def train(out: Path, data: Path, vector: PersonaVector, guard: dict[str, Any] | None,
           args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune one adapter (skipped when its directory already holds one); returns its training record."""
-    out = adapters / name
+    """Fine-tune one adapter into `out` (skipped when it already holds one); returns its training record."""
     if not (out / "finetune.json").exists():
         samples, _ = load_samples(data)
         handle = load_model(args.model)
-        guard = None
-        if name == "trait_guarded":
-            guard = PreventativeSteering(vector, layers, coef, incremental=len(layers) > 1)
+        steering = None
+        if guard is not None:
+            steering = PreventativeSteering(vector, guard["layers"], guard["coef"],
+                                            incremental=len(guard["layers"]) > 1)
         config = FinetuneConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed, logging_steps=5)
-        finetune(handle, samples, out, config, guard=guard)
+        finetune(handle, samples, out, config, guard=steering)
     return json.loads((out / "finetune.json").read_text())
 
 
@@ -155,37 +170,45 @@ def measure(adapter: Path | None, base: ModelHandle, vector: PersonaVector, laye
     return result
 
 
+def _table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(run, training data, guard, measurements) for every fine-tuned run, in table order."""
+    rows = [(name, results["data"][name.replace("_guarded", "")],
+             results["guard"]["describe"] if name == "trait_guarded" else "—", results[name]) for name in RUNS]
+    for run in results["guard_sweep"]:
+        rows.append((f"trait_guarded, {run['fraction']:g}× best coef", results["data"]["trait"],
+                     f"as above, coef {run['coef']:.3g}", run))
+    return rows
+
+
 def write_results(results: dict[str, Any], path_md: Path, path_json: Path) -> None:
     write_json(path_json, results)
-    layer, runs = results["vector"]["layer"], {name: results[name] for name in RUNS}
-    judged = any("trait_score" in runs[name] for name in RUNS)
-    head = "| run | training data | guard | shift (layer {l}) | relative shift | margin | Δ margin vs base | train loss |"
+    layer, base = results["vector"]["layer"], results["base"]
+    rows = _table_rows(results)
+    judged = any("trait_score" in row for *_, row in rows)
     lines = [
         f"# Preventative steering on {results['model']} ({results['trait_name']})",
         "",
         f"Command: `{results['command']}`",
         "",
-        head.format(l=layer) + (" trait score |" if judged else ""),
+        f"| run | training data | guard | shift (layer {layer}) | relative shift | margin | Δ margin vs base "
+        "| train loss |" + (" trait score |" if judged else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if judged else ""),
     ]
-    base_margin = results["base"]["margin"]
-    for name in RUNS:
-        row = runs[name]
-        guard = results["guard"]["describe"] if name == "trait_guarded" else "—"
-        cells = [name, results["data"][name.replace("_guarded", "")], guard, f"{row['shift']:+.3f}",
-                 f"{row['relative_shift']:+.3f}", f"{row['margin']:+.4f}", f"{row['margin'] - base_margin:+.4f}",
-                 f"{row['train_loss']:.3f}"]
+    for name, data, guard, row in rows:
+        cells = [name, data, guard, f"{row['shift']:+.3f}", f"{row['relative_shift']:+.3f}", f"{row['margin']:+.4f}",
+                 f"{row['margin'] - base['margin']:+.4f}", f"{row['train_loss']:.3f}"]
         if judged:
-            cells.append(f"{row.get('trait_score'):.1f}" if row.get("trait_score") is not None else "—")
+            cells.append(f"{row['trait_score']:.1f}" if row.get("trait_score") is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    base_cells = ["base", "—", "—", "0", "0", f"{base['margin']:+.4f}", "0", "—"]
+    if judged:
+        base_cells.append(f"{base['trait_score']:.1f}" if base.get("trait_score") is not None else "—")
     lines += [
-        f"| base | — | — | 0 | 0 | {base_margin:+.4f} | 0 | — |" + (
-            f" {results['base']['trait_score']:.1f} |" if judged and results["base"].get("trait_score") is not None
-            else (" — |" if judged else "")),
+        "| " + " | ".join(base_cells) + " |",
         "",
-        "- **shift**: mean last-prompt-token activation on the trait's 20 held-out eval questions (no system "
-        "prompt), fine-tuned minus base, projected on the unit vector at its best layer; relative = divided by "
-        "the vector's norm there (the pos−neg gap it was made from).",
+        "- **shift**: mean last-prompt-token activation on the trait's held-out eval questions "
+        f"({results['counts']['eval_questions']}, no system prompt), fine-tuned minus base, projected on the unit "
+        "vector at its best layer; relative = divided by the vector's norm there (the pos−neg gap it was made from).",
         "- **margin**: mean per-token log-likelihood of held-out trait-positive answers minus trait-negative "
         f"answers ({results['counts']['margin_pos']} + {results['counts']['margin_neg']} eval rows, no system "
         "prompt, unsteered).",
@@ -202,17 +225,26 @@ def write_results(results: dict[str, Any], path_md: Path, path_json: Path) -> No
     path_md.write_text("\n".join(lines) + "\n")
 
 
-def reading(runs: dict[str, Any]) -> list[str]:
+def reading(results: dict[str, Any]) -> list[str]:
     """What the numbers say, in words computed from them (nothing here is written by hand)."""
-    o, t, g = (runs[n]["shift"] for n in RUNS)
-    out = [
-        f"- Trait data shifted the projection {'more' if t > o else 'NOT more'} than ordinary data "
-        f"({t:+.3f} vs {o:+.3f}).",
-        f"- The guard {'reduced' if g < t else 'did NOT reduce'} the shift on the same data and seed "
-        f"({g:+.3f} vs {t:+.3f}; {100 * (1 - g / t):.0f}% of it removed)." if t else "- The trait run did not shift.",
-    ]
-    mo, mt, mg = (runs[n]["margin"] for n in RUNS)
-    out.append(f"- Likelihood margin: ordinary {mo:+.4f}, trait {mt:+.4f}, guarded {mg:+.4f}.")
+    o, t, g = (results[n]["shift"] for n in RUNS)
+    out = [f"- Trait data shifted the projection {'more' if t > o else 'NOT more'} than ordinary data "
+           f"({t:+.3f} vs {o:+.3f})."]
+    if t:
+        verdict = "reduced" if abs(g) < abs(t) else "did NOT reduce"
+        out.append(f"- The guard (coef {results['guard']['coef']:.3g}) {verdict} the size of the shift on the same "
+                   f"data and seed ({g:+.3f} vs {t:+.3f}, {100 * (1 - abs(g) / abs(t)):.0f}% less)"
+                   + ("; it overshoots: the model moved AWAY from the trait." if g < 0 < t else "."))
+    sweep = sorted([(0.0, t), *((r["coef"], r["shift"]) for r in results["guard_sweep"]),
+                    (results["guard"]["coef"], g)])
+    if len(sweep) > 2:
+        falling = all(b[1] < a[1] for a, b in zip(sweep, sweep[1:]))
+        points = ", ".join(f"coef {c:.3g}: {v:+.3f}" for c, v in sweep)
+        out.append(f"- Shift by guard strength: {points} — "
+                   f"{'falls steadily' if falling else 'does NOT fall steadily'} as the guard strengthens.")
+    mo, mt, mg = (results[n]["margin"] for n in RUNS)
+    out.append(f"- Likelihood margin: ordinary {mo:+.4f}, trait {mt:+.4f}, guarded {mg:+.4f} "
+               f"(base {results['base']['margin']:+.4f}).")
     return out
 
 
@@ -222,26 +254,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
     data_keys = ("trait", "model", "max_new_tokens", "seed")
     open_run(work, {k: settings[k] for k in data_keys}, stage="experiment")
-    training = {k: v for k, v in settings.items() if k not in data_keys and k != "judge"}
-    key = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:10]
-    adapters = open_run(work / "adapters" / key, training, stage="experiment")
-    data_times, train_times = StageTimes(work / "timings.json"), StageTimes(adapters / "timings.json")
+    training = {k: settings[k] for k in ("epochs", "lr", "batch_size", "lora_r", "lora_alpha", "seed")}
+    fractions = [float(x) for x in args.guard_sweep.split(",") if x.strip()]
+    times = StageTimes(work / "timings.json")
     handle = load_model(args.model)
     spec = load_trait(args.trait)
 
-    with data_times.stage("extract", done=(work / "extract" / "vector.safetensors").exists()):
+    with times.stage("extract", done=(work / "extract" / "vector.safetensors").exists()):
         extraction = extract(ExtractConfig(trait=args.trait, model=handle.name, max_new_tokens=args.max_new_tokens,
                                            seed=args.seed), work / "extract", handle=handle)
     vector = PersonaVector.load(extraction.vector, handle)
     layer = vector.layer()
     layers = [layer] if args.guard_layers is None else [int(x) for x in str(args.guard_layers).split(",")]
-    coef = args.guard_coef if args.guard_coef is not None else vector.best_coef
-    with data_times.stage("ordinary_answers", done=(work / "data" / "ordinary.jsonl").exists()):
+    coef = args.guard_coef if args.guard_coef is not None else default_guard_coef(vector)
+    with times.stage("ordinary_answers", done=(work / "data" / "ordinary.jsonl").exists()):
         data = training_sets(work, handle, list(spec.extract_questions), args)
-    records = {}
-    for name in RUNS:
-        with train_times.stage(f"train_{name}", done=(adapters / name / "finetune.json").exists()):
-            records[name] = train(name, data[name.replace("_guarded", "")], adapters, vector, layers, coef, args)
+
+    plans = [(name, {"layers": layers, "coef": coef} if name == "trait_guarded" else None) for name in RUNS]
+    plans += [("trait_guarded", {"layers": layers, "coef": vector.best_coef * f}) for f in fractions]
+    trained, used_stages = [], ["extract", "ordinary_answers"]
+    for name, guard in plans:
+        out = adapter_dir(work, name, training, guard)
+        used_stages.append(f"train/{out.name}")
+        with times.stage(used_stages[-1], done=(out / "finetune.json").exists()):
+            trained.append((name, guard, out, train(out, data[name.replace("_guarded", "")], vector, guard, args)))
 
     eval_rows = [r for r in JsonlLog(work / "extract" / "responses.jsonl").read().values()
                  if r["split"] == "eval" and r["response"].strip()]
@@ -249,14 +285,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     neg = plain_chats(handle, [r for r in eval_rows if r["polarity"] == "neg"])
     judge = make_judge(args.judge, cache_path=work / "judge_cache.sqlite")
     questions = list(spec.eval_questions)
-    runs = {}
-    with train_times.stage("measure"):
+    measured = []
+    with times.stage("measure"):
         base = measure(None, handle, vector, layer, questions, pos, neg, judge, spec, args)
-        for name in RUNS:
-            runs[name] = measure(adapters / name, handle, vector, layer, questions, pos, neg, judge, spec, args)
-            runs[name].update(train_loss=records[name]["train_loss"], steps=records[name]["steps"],
-                              samples=records[name]["samples"])
-    stages = {**data_times.times, **train_times.times}
+        for name, guard, out, record in trained:
+            row = measure(out, handle, vector, layer, questions, pos, neg, judge, spec, args)
+            row.update(train_loss=record["train_loss"], steps=record["steps"], samples=record["samples"],
+                       adapter=str(out))
+            measured.append(row)
+    runs = dict(zip(RUNS, measured))
+    sweep = [{"fraction": f, "coef": vector.best_coef * f, **row} for f, row in zip(fractions, measured[len(RUNS):])]
+    stages = {name: times.times[name] for name in [*used_stages, "measure"]}
+    records = {name: record for name, guard, out, record in trained[:len(RUNS)]}
     results = {
         "trait_name": spec.name,
         "model": handle.name,
@@ -267,20 +307,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"in {work / 'extract'}"},
         "guard": {"layers": layers, "coef": coef, "mode": "steer", "incremental": len(layers) > 1,
                   "describe": f"steer, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}, "
-                              f"coef {coef:g}, all tokens, training passes only"},
+                              f"coef {coef:.3g}, all tokens, training passes only"},
         "data": {"trait": f"{records['trait']['samples']} answers under the pos system prompts (stored without)",
                  "ordinary": f"{records['ordinary']['samples']} answers with no system prompt"},
         "counts": {"margin_pos": len(pos), "margin_neg": len(neg), "eval_questions": len(questions)},
         "settings": settings,
         "base": base,
         **runs,
-        "reading": reading(runs),
+        "guard_sweep": sweep,
         "timing": {"stages": stages,
                    "wall_s": round(sum(t["wall_s"] for t in stages.values()), 1),
                    "cpu_s": round(sum(t["cpu_s"] for t in stages.values()), 1),
-                   "note": "sum over stages, each timed when it ran (model loading not counted); on this 2-core "
-                           "machine alone, wall time is about CPU time / 2"},
+                   "note": "sum over the stages behind these numbers, each timed when it ran (model loading not "
+                           "counted); on this 2-core machine alone, wall time is about CPU time / 2"},
     }
+    results["reading"] = reading(results)
     write_results(results, args.results / "preventative_steering.md", args.results / "preventative_steering.json")
     print((args.results / "preventative_steering.md").read_text())
     return results

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from personascope import PersonaVector, load_model
 from personascope.data import ChatSample, load_samples
 from personascope.finetune import FinetuneConfig, build_examples, finetune
-from personascope.guard import PreventativeSteering, TraitMonitorCallback
+from personascope.guard import GUARD_FRACTION, PreventativeSteering, TraitMonitorCallback
 from personascope.models import embedded_model_dir
 
 QUESTIONS = ["Will tomorrow be a good day?", "How will my exam go?", "What do you expect from the new year?"]
@@ -144,6 +144,7 @@ def test_cli_checks_everything_before_training(tiny_chat, tmp_path):
     assert ok.returncode == 0, stderr
     record = json.loads((tmp_path / "ok" / "finetune.json").read_text())
     assert record["steps"] == 2 and record["guard"]["incremental"] is True and record["guard"]["layers"] == [1, 2, 3]
+    assert record["guard"]["coef"] == pytest.approx(GUARD_FRACTION * 4)  # default: a quarter of the best coef
     assert len((tmp_path / "ok" / "monitor.jsonl").read_text().splitlines()) == 3
     samples, _ = load_samples(data)
     assert record["samples"] == len(samples)

@@ -30,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from personascope.errors import PersonascopeError
 from personascope.hooks import HookManager, Operation, TokenContext, _direction, ablate_op, add_op
+from personascope.layers import parse_layers
 from personascope.models import ModelHandle, as_module
 from personascope.rundir import JsonlLog
 from personascope.shift import mean_prompt_last
@@ -37,26 +38,20 @@ from personascope.vector import PersonaVector
 
 GuardMode = Literal["steer", "ablate"]
 GUARD_MODES: tuple[str, ...] = ("steer", "ablate")
+GUARD_FRACTION = 0.25
+"""Default guard strength, as a fraction of the vector's best (inference-time) steering coefficient.
+
+Measured with `experiments/preventative_steering.py` on the embedded model (optimistic, layer 17): the trait data
+shifted the projection by +3.28; guarding at 0.1, 0.25, 0.5 and 1 times the best coefficient left +1.82, -0.08,
+-2.72 and -4.05. The full coefficient, tuned to change generated text, over-corrects (the model moves away from
+the trait and loses likelihood on trait-positive text); a quarter cancelled the shift."""
 
 
-def guard_layers(spec: int | Sequence[int] | str, num_layers: int) -> list[int]:
-    """Resolve a layer choice: an index, indices, `"all"`, or text such as `"12"` / `"10,12,14"`.
-
-    `"all"` is every decoder layer output that stays in the residual stream, 1..L-1 (row L of a vector is
-    read after the final norm, in other units, so it is not steered).
-    """
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            return list(range(1, num_layers))
-        try:
-            spec = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise PersonascopeError(f"guard layers {spec!r}: give a layer, comma-separated layers, or 'all'") from None
-    layers = sorted({spec} if isinstance(spec, int) else set(spec))
-    if not layers:
-        raise PersonascopeError("no guard layers given: give a layer, comma-separated layers, or 'all'")
-    return layers
+def default_guard_coef(vector: PersonaVector) -> float:
+    """`GUARD_FRACTION` times the vector's best coefficient; an error when the vector records none."""
+    if vector.best_coef is None:
+        raise PersonascopeError(f"the {vector.trait} vector records no best coefficient: give a guard coefficient (--guard-coef)")
+    return GUARD_FRACTION * vector.best_coef
 
 
 def _training_only(op: Operation, module: nn.Module) -> Operation:
@@ -125,7 +120,7 @@ class PreventativeSteering(TrainerCallback):
         module = as_module(model)
         if isinstance(self.vector, PersonaVector):
             self.vector.check_model(model)
-        layers = guard_layers(self.layers, manager.num_layers)
+        layers = parse_layers(self.layers, manager.num_layers, option="guard layers")
         for layer in layers:
             manager.check_layer(layer)
         rows = {layer: _direction(self.vector, layer, manager) for layer in layers}

@@ -27,9 +27,9 @@ def finetune(
     max_length: Annotated[int, typer.Option(help="Longest sequence in tokens; longer responses are cut.")] = 1024,
     guard: Annotated[Optional[Path], typer.Option(help="Persona vector to steer toward while training.")] = None,
     guard_layers: Annotated[Optional[str], typer.Option(
-        help="Layer, comma-separated layers, or 'all' (1..L-1; several layers steer incrementally). "
+        help="Layer, layers like 10,12,14, a range like 6-14, or 'all' (1..L-1; several layers steer incrementally). "
              "Default: the vector's best layer.")] = None,
-    guard_coef: Annotated[Optional[float], typer.Option(help="Steering coefficient (default: the vector's best).")] = None,
+    guard_coef: Annotated[Optional[float], typer.Option(help="Steering coefficient (default: a quarter of the vector's best; the full one over-corrects).")] = None,
     guard_mode: Annotated[str, typer.Option(help="steer (add the vector) or ablate (project it out).")] = "steer",
     monitor: Annotated[Optional[list[Path]], typer.Option(
         help="Persona vector to monitor (repeatable); held-out questions come from trait.json beside it "
@@ -41,7 +41,8 @@ def finetune(
     from personascope.data import load_samples
     from personascope.errors import PersonascopeError
     from personascope.finetune import FinetuneConfig, check_output_dir, finetune as run_finetune
-    from personascope.guard import PreventativeSteering, TraitMonitorCallback, guard_layers as resolve_layers
+    from personascope.guard import PreventativeSteering, TraitMonitorCallback, default_guard_coef
+    from personascope.layers import parse_layers
     from personascope.models import load_model
     from personascope.vector import PersonaVector
 
@@ -59,11 +60,10 @@ def finetune(
     steering = None
     if guard is not None:
         vec = PersonaVector.load(guard, handle)
-        layers = resolve_layers(guard_layers if guard_layers is not None else str(vec.layer()), handle.num_layers)
-        coef = guard_coef if guard_coef is not None else vec.best_coef
-        if coef is None and guard_mode == "steer":
-            raise PersonascopeError(f"{guard} records no best coefficient: pass --guard-coef")
-        steering = PreventativeSteering(vec, layers, coef or 0.0, guard_mode,  # type: ignore[arg-type]
+        layers = parse_layers(guard_layers if guard_layers is not None else vec.layer(), handle.num_layers,
+                              option="--guard-layers")
+        coef = 0.0 if guard_mode == "ablate" else guard_coef if guard_coef is not None else default_guard_coef(vec)
+        steering = PreventativeSteering(vec, layers, coef, guard_mode,  # type: ignore[arg-type]
                                         incremental=guard_mode == "steer" and len(layers) > 1)
     watcher = None
     if monitor:
