@@ -24,6 +24,7 @@ from personascope.evaluate import (
     plain_chats,
     read_eval_rows,
     separation,
+    WEAK_AUROC,
 )
 from personascope.judges import COHERENCE_RUBRIC, make_judge
 from personascope.models import ModelHandle
@@ -227,6 +228,8 @@ def test_default_layer_search_refines_around_the_grid(embedded: ModelHandle, tmp
     assert {best - 1, best + 1} & eligible <= set(measured)
     gains = {e["layer"]: e["margin_gain"] for e in result["layers"] if e["layer"] in measured}
     assert gains[best] == max(g for layer, g in gains.items() if layer in eligible)
+    weak = max(e["auroc"] for e in result["layers"]) < WEAK_AUROC
+    assert any("barely separates" in note for note in result["notes"]) == weak
 
 
 def test_a_bare_vector_is_evaluated_on_fresh_eval_responses(embedded: ModelHandle, tmp_path: Path) -> None:

@@ -52,6 +52,8 @@ AUROC_TOLERANCE = 0.05
 """Layers whose AUROC is within this of the best compete on margin gain."""
 MIN_COHERENCE = 75.0
 """Mean judged coherence a steering coefficient must keep (the paper's cut-off)."""
+WEAK_AUROC = 0.6
+"""Below this held-out AUROC at every layer, the evaluation warns that the vector hardly tracks the trait."""
 _ROW_FIELDS = ("id", "split", "polarity", "question", "response")
 
 
@@ -495,6 +497,10 @@ def _evaluate(
         bar.update(0, completed=total)
     at_best = sorted(sweep.results[best].values(), key=lambda e: e["fraction"])
     chosen, notes = _judge_free_choice(at_best, settings.fraction, best)
+    if top < WEAK_AUROC:
+        notes.append(f"held-out AUROC is at most {top:.2f} at every layer: the vector barely separates trait-positive "
+                     "from trait-negative responses, so the model hardly shows the trait under its system prompts; "
+                     "a judge (--judge) keeping only pairs that show it, more --samples, or a larger model may help")
     lap("margin_s")
 
     curve, coef_source = None, "margin"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
@@ -73,6 +74,8 @@ def extract(
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
+    for note in result.evaluation.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
 
 
