@@ -5,8 +5,8 @@ setup:
 
 # The main job on the embedded model: extract a persona vector (judge none; resumes if interrupted), then answer
 # one question without and with steering.
-DEMO_TRAIT ?= optimistic
-DEMO_PROMPT ?= My business had its worst month ever. What do you make of that?
+DEMO_TRAIT ?= pirate
+DEMO_PROMPT ?= What is the best way to spend a Sunday morning?
 demo: setup
 	.venv/bin/personascope info
 	.venv/bin/personascope extract $(DEMO_TRAIT) --out runs/$(DEMO_TRAIT)
