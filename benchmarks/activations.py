@@ -43,6 +43,15 @@ def personascope_read(handle: ModelHandle, chats: list[EncodedChat], layers: lis
     return read_activations(handle, chats, layers, ["response_avg"], progress=False, **kwargs)["response_avg"][:, 0]
 
 
+def weight_bound(handle: ModelHandle, layer: int) -> float:
+    """The most a reader that stops after `layer` can gain over the full model with logits, when both are
+    compute-bound: each weight is one multiply-add per token, so the ratio of the weights each one uses (all
+    decoder layers + the LM head, vs decoder layers 1..`layer`). Attention scores are left out (small here)."""
+    sizes = [sum(p.numel() for p in block.parameters()) for block in handle.layers]
+    head = handle.model.get_output_embeddings().weight.numel()
+    return (sum(sizes) + head) / sum(sizes[:layer])
+
+
 def compare(ours: Tensor, reference: Tensor, min_cosine: float) -> dict[str, Any]:
     """How far two `[N, d]` readings are apart; `same_values` when every row's cosine reaches `min_cosine` and
     no element differs by more than 1% of the reference's largest magnitude."""
@@ -88,6 +97,8 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         ["method", "best s", "tokens/s", "× reference"],
         [[name, tokens / speeds[name], speeds[name], speeds[name] / speeds["reference"]] for name in timed],
     )
+    bound = weight_bound(handle, args.layer)
+    console.print(f"compute-bound ceiling of the ratio (weights used per token): {bound:.2f}×")
     console.print(f"same values: {check['same_values']} (max abs diff {check['max_abs_diff']:.2e}, "
                   f"max rel diff {check['max_rel_diff']:.2e}, min cosine {check['min_cosine']:.7f})")
     figures = {
@@ -102,6 +113,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         "seconds": times,
         "tokens_per_s": speeds,
         "speedup": speeds["personascope"] / speeds["reference"],
+        "compute_bound_speedup": bound,
         **check,
     }
     save(args.json, figures)

@@ -38,6 +38,10 @@ def test_activations_benchmark_reads_the_same_values_as_the_reference_loop(embed
         saved["tokens_per_s"]["personascope"] / saved["tokens_per_s"]["reference"])
     assert saved["tokens"] == figures["tokens"] > 5 * 24
     assert saved["machine"]["date"] and saved["layer"] == 20
+    # 30 equal decoder layers and the LM head, against the first 20 layers
+    layer_weights = sum(p.numel() for p in embedded.layers[0].parameters())
+    head = embedded.model.get_output_embeddings().weight.numel()
+    assert saved["compute_bound_speedup"] == pytest.approx((30 * layer_weights + head) / (20 * layer_weights))
 
 
 def test_generate_benchmark_times_plain_steered_and_monitored(embedded, tmp_path):
