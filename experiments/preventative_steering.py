@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from personascope.data import load_samples, write_rows
-from personascope.evaluate import likelihood_margin, plain_chats, steered_answers
+from personascope.evaluate import plain_chats, steered_answers
 from personascope.extract import ExtractConfig, extract
 from personascope.finetune import FinetuneConfig, finetune
 from personascope.generate import SamplingConfig, generate_responses
 from personascope.guard import PreventativeSteering, default_guard_coef
 from personascope.judges import judge_trait, make_judge
+from personascope.likelihood import likelihood_margin
 from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.rundir import JsonlLog, open_run, write_json
 from personascope.shift import projection_shift

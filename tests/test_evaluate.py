@@ -20,13 +20,13 @@ from personascope.evaluate import (
     best_judged,
     evaluate_run,
     evaluate_vector,
-    likelihood_margin,
     plain_chats,
     read_eval_rows,
     separation,
     WEAK_AUROC,
 )
 from personascope.judges import COHERENCE_RUBRIC, make_judge
+from personascope.likelihood import likelihood_margin
 from personascope.models import ModelHandle
 from personascope.rundir import JsonlLog, write_json
 from personascope.traits import InstructionPair, TraitSpec, save_trait
