@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personascope import PersonascopeError, PersonaVector, steer
-from personascope.guard import PreventativeSteering
+from personascope.guard import GUARD_FRACTION, PreventativeSteering, default_guard_coef
 from personascope.hooks import HookManager
 from personascope.layers import parse_layers
 from personascope.models import decoder_layers, hidden_size
@@ -139,6 +139,13 @@ def test_bad_vectors_and_layers_stop_before_anything_is_attached(tiny_llama):
         PreventativeSteering(good, [1, 2], mode="ablate", incremental=True)
     with pytest.raises(PersonascopeError, match="finite"):
         PreventativeSteering(good, 1, coef=float("nan"))
+
+
+def test_default_guard_coef_is_a_fraction_of_the_best_and_needs_one():
+    directions = torch.randn(5, 8)
+    assert default_guard_coef(PersonaVector(directions, "evil", "m", {"best_coef": "6"})) == GUARD_FRACTION * 6
+    with pytest.raises(PersonascopeError, match="no best coefficient"):
+        default_guard_coef(PersonaVector(directions, "evil", "m"))
 
 
 def test_layer_choices_all_ranges_and_lists():
