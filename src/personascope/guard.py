@@ -50,7 +50,8 @@ the trait and loses likelihood on trait-positive text); a quarter cancelled the 
 def default_guard_coef(vector: PersonaVector) -> float:
     """`GUARD_FRACTION` times the vector's best coefficient; an error when the vector records none."""
     if vector.best_coef is None:
-        raise PersonascopeError(f"the {vector.trait} vector records no best coefficient: give a guard coefficient (--guard-coef)")
+        raise PersonascopeError(f"the {vector.trait} vector records no best coefficient: "
+                                "give a guard coefficient (--guard-coef)")
     return GUARD_FRACTION * vector.best_coef
 
 

@@ -30,10 +30,9 @@ def evaluate(
     with --judge), then the best layer and coefficient. For a run directory this rewrites eval.json,
     report.html and the best layer/coefficient in vector.safetensors."""
     from personascope.judges import make_judge
+    from personascope.layers import parse_layers
     from personascope.models import DEFAULT_MODEL, load_model
     from personascope.vector import PersonaVector
-
-    from personascope.layers import parse_layers
 
     chosen = None if layers is None else parse_layers(layers, option="--layers")
     if target.is_dir():

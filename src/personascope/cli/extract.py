@@ -47,11 +47,12 @@ def extract(
     from personascope.extract import extract as run_extract
     from personascope.layers import parse_layers
 
+    chosen = None if eval_layers is None else tuple(parse_layers(eval_layers, option="--eval-layers"))
     config = ExtractConfig(
         trait=trait, model=model, judge=judge, judge_base_url=judge_base_url, samples=samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
         threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
-        eval_samples=eval_samples, eval_layers=None if eval_layers is None else tuple(parse_layers(eval_layers, option="--eval-layers")), token_budget=token_budget,
+        eval_samples=eval_samples, eval_layers=chosen, token_budget=token_budget,
         lenient=lenient,
     )
     result = run_extract(config, out, progress=not quiet)

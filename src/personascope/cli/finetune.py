@@ -29,7 +29,8 @@ def finetune(
     guard_layers: Annotated[Optional[str], typer.Option(
         help="Layer, layers like 10,12,14, a range like 6-14, or 'all' (1..L-1; several layers steer incrementally). "
              "Default: the vector's best layer.")] = None,
-    guard_coef: Annotated[Optional[float], typer.Option(help="Steering coefficient (default: a quarter of the vector's best; the full one over-corrects).")] = None,
+    guard_coef: Annotated[Optional[float], typer.Option(
+        help="Steering coefficient (default: a quarter of the vector's best; the full one over-corrects).")] = None,
     guard_mode: Annotated[str, typer.Option(help="steer (add the vector) or ablate (project it out).")] = "steer",
     monitor: Annotated[Optional[list[Path]], typer.Option(
         help="Persona vector to monitor (repeatable); held-out questions come from trait.json beside it "
