@@ -15,11 +15,20 @@ import argparse
 from typing import Any
 
 import torch
+from common import (
+    console,
+    interleave,
+    machine,
+    print_table,
+    rate,
+    save,
+    set_threads,
+    trait_chats,
+)
 from torch import Tensor
 
-from common import console, interleave, machine, print_table, rate, save, set_threads, trait_chats
-from personascope.activations import EncodedChat, read_activations
-from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
+from personascope.inference.activations import EncodedChat, read_activations
+from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 
 
 def reference_read(handle: ModelHandle, chats: list[EncodedChat], layer: int, grad: bool = True) -> Tensor:

@@ -21,10 +21,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from personascope.activations import EncodedChat
-from personascope.batching import left_pad
-from personascope.models import ModelHandle
-from personascope.rundir import write_json
+from personascope.inference.activations import EncodedChat
+from personascope.io.rundir import write_json
+from personascope.model import ModelHandle
+from personascope.model.batching import left_pad
 from personascope.traits import builtin_trait_names, load_trait
 
 console = Console(width=None if sys.stdout.isatty() else 120)

@@ -2,7 +2,7 @@
 
 Every case decodes greedily exactly `--new-tokens` tokens per row (min_new_tokens = max_new_tokens), so the work
 is equal and the difference is what the hooks cost: steering adds `coef·v` at one layer at every step;
-monitoring records the projection on a persona vector at every step (`personascope.monitor.GenerationTrace`).
+monitoring records the projection on a persona vector at every step (`personascope.apply.monitor.GenerationTrace`).
 Cases alternate within each repeat so drift in machine load hits all of them alike.
 
     python benchmarks/generate.py --json generate.json
@@ -15,14 +15,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import (
+    console,
+    interleave,
+    left_padded,
+    machine,
+    print_table,
+    rate,
+    save,
+    set_threads,
+    trait_messages,
+)
 from torch import Tensor
 
-from common import (
-    console, interleave, left_padded, machine, print_table, rate, save, set_threads, trait_messages,
-)
+from personascope.apply.monitor import GenerationTrace, Probe
 from personascope.hooks import steer
-from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
-from personascope.monitor import GenerationTrace, Probe
+from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.vector import PersonaVector
 
 

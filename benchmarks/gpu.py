@@ -30,13 +30,22 @@ from statistics import median
 from typing import Any
 
 import torch
+from activations import compare, personascope_read, reference_read
+from common import (
+    console,
+    interleave,
+    left_padded,
+    machine,
+    print_table,
+    rate,
+    save,
+    synchronize,
+)
 from torch import Tensor
 
-from activations import compare, personascope_read, reference_read
-from common import console, interleave, left_padded, machine, print_table, rate, save, synchronize
-from personascope.activations import EncodedChat
 from personascope.hooks import steer
-from personascope.models import ModelHandle
+from personascope.inference.activations import EncodedChat
+from personascope.model import ModelHandle
 
 #: Qwen/Qwen2.5-7B-Instruct's config.json (architecture fields).
 QWEN25_7B = dict(

@@ -1,11 +1,11 @@
 """Dataset screening: samples/s end to end, and peak memory as the dataset grows.
 
 Throughput: `screen_dataset` over a synthetic chat dataset file (a built-in trait's questions, answers of varied
-length cut from real text), once with `base="prompt-last"` (`--approx prompt-last`: one forward pass per row,
+length cut from real text), once with `base="prompt-last"` (`--base prompt-last`: one forward pass per row,
 no generation) and once generating the base model's own answers (greedy, `--new-tokens` each), as the CLI
 does; from reading the file to writing the scored rows, summary and histogram.
 
-Memory: `personascope screen --approx prompt-last` in a fresh process per size (its own peak RSS, read with
+Memory: `personascope screen --base prompt-last` in a fresh process per size (its own peak RSS, read with
 `wait4`), on files of `--memory-rows` rows of short chats read at a shallow layer (memory does not depend on the
 layer; a shallow one keeps 10,000 rows quick). Flat means the peak grows by a negligible amount per row.
 
@@ -25,10 +25,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import console, corpus_ids, machine, print_table, response_lengths, save, trait_messages
-from personascope.generate import SamplingConfig
-from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
-from personascope.screen import screen_dataset
+from common import (
+    console,
+    corpus_ids,
+    machine,
+    print_table,
+    response_lengths,
+    save,
+    trait_messages,
+)
+
+from personascope.apply.screen import screen_dataset
+from personascope.inference.generate import SamplingConfig
+from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.vector import PersonaVector
 
 
@@ -67,19 +76,19 @@ def throughput(handle: ModelHandle, work: Path, args: argparse.Namespace) -> dic
         report = screen_dataset(handle, data, vector, work / f"{base}.scored.jsonl", base=base,
                                 sampling=SamplingConfig(args.new_tokens, 0.0), progress=False)
         seconds = time.perf_counter() - start
-        scored = report.summary["n_scored"]
+        scored = report.summary.n_scored
         out[base] = {"rows": rows, "scored": scored, "seconds": seconds, "samples_per_s": scored / seconds}
     return out
 
 
 def peak_memory(handle: ModelHandle, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Peak RSS of `personascope screen --approx prompt-last` in a fresh process per dataset size."""
+    """Peak RSS of `personascope screen --base prompt-last` in a fresh process per dataset size."""
     vector = random_vector_file(handle, work / "vector_shallow.safetensors", args.memory_layer)
     out: dict[str, Any] = {}
     for rows in args.memory_rows:
         data = write_dataset(handle, work / f"memory_{rows}.jsonl", rows, args.trait, 4, 24, system="Be brief.")
         command = [sys.executable, "-m", "personascope.cli", "screen", str(data), "--vector", str(vector),
-                   "--out", str(work / f"memory_{rows}.scored.jsonl"), "--approx", "prompt-last",
+                   "--out", str(work / f"memory_{rows}.scored.jsonl"), "--base", "prompt-last",
                    "--layer", str(args.memory_layer), "--model", args.model]
         log = work / f"memory_{rows}.log"
         start = time.perf_counter()
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         console.print(f"{handle.name}: screening {args.rows} rows (prompt-last) and {args.generate_rows} rows "
                       f"(generated base answers, {args.new_tokens} tokens) at layer {args.layer}")
         speed = throughput(handle, work, args)
-        console.print(f"peak memory of `personascope screen --approx prompt-last` at {args.memory_rows} rows")
+        console.print(f"peak memory of `personascope screen --base prompt-last` at {args.memory_rows} rows")
         memory = peak_memory(handle, work, args) if args.memory_rows else {}
     rows = [[f"screen, base {base}", f"{f['rows']} rows", f"{f['samples_per_s']:.2f} samples/s",
              f"{f['seconds']:.1f} s"] for base, f in speed.items()]

@@ -1,6 +1,6 @@
 """Preventative steering, end to end on the embedded model (Chen et al. 2025, §5.2, at toy scale).
 
-1. Extract a persona vector with `personascope.extract` (small settings). Its run holds the model's own answers
+1. Extract a persona vector with `personascope.extract.pipeline` (small settings). Its run holds the model's own answers
    to the trait's extraction questions under the pos and neg system prompts, and to the held-out eval questions.
 2. Build two training sets on the same extraction questions, both stored WITHOUT a system prompt:
    `trait` — the answers given under the trait's pos system prompts; `ordinary` — answers sampled with no system
@@ -10,8 +10,8 @@
    best steering coefficient), and the same at other fractions of the best coefficient (`--guard-sweep`) to show
    how the shift falls as the guard strengthens.
 4. Measure each adapter, loaded from disk with no steering: the projection shift of the last-prompt-token
-   activation on the held-out eval questions versus the base model (`personascope.shift`), and the likelihood
-   margin of held-out pos vs neg answers (`personascope.evaluate`), plus judged trait scores with `--judge`.
+   activation on the held-out eval questions versus the base model (`personascope.apply.shift`), and the likelihood
+   margin of held-out pos vs neg answers (`personascope.evaluate.search`), plus judged trait scores with `--judge`.
 5. Write `experiments/results/preventative_steering.{md,json}`.
 
 Every stage resumes from its run directory (`--work`): answers are kept per data setting, and each adapter in
@@ -35,17 +35,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from personascope.data import load_samples, write_rows
-from personascope.evaluate import plain_chats, steered_answers
-from personascope.extract import ExtractConfig, extract
-from personascope.finetune import FinetuneConfig, finetune
-from personascope.generate import SamplingConfig, generate_responses
-from personascope.guard import PreventativeSteering, default_guard_coef
-from personascope.judges import judge_trait, make_judge
-from personascope.likelihood import likelihood_margin
-from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
-from personascope.rundir import JsonlLog, open_run, write_json
-from personascope.shift import projection_shift
+from personascope.apply.finetune import FinetuneConfig, finetune
+from personascope.apply.guard import PreventativeSteering, default_guard_coef
+from personascope.apply.shift import projection_shift
+from personascope.evaluate.search import plain_chats, steered_answers
+from personascope.extract.pipeline import ExtractConfig, extract
+from personascope.inference.generate import SamplingConfig, generate_responses
+from personascope.inference.likelihood import likelihood_margin
+from personascope.io.data import load_samples, write_rows
+from personascope.io.rundir import JsonlLog, open_run, write_json
+from personascope.judge.judges import judge_trait, make_judge
+from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.traits import load_trait
 from personascope.vector import PersonaVector
 
@@ -161,8 +161,8 @@ def measure(adapter: Path | None, base: ModelHandle, vector: PersonaVector, laye
     handle = base if adapter is None else load_model(str(adapter))
     shift = projection_shift(base, handle, vector, questions, progress=False)
     margin = likelihood_margin(handle, vector, layer, [0.0], pos, neg)[0]
-    result = {"shift": shift["shift"], "relative_shift": shift["relative_shift"], "margin": margin,
-              "shift_by_layer": {row["layer"]: round(row["shift"], 4) for row in shift["layers"]}}
+    result = {"shift": shift.shift, "relative_shift": shift.relative_shift, "margin": margin,
+              "shift_by_layer": {row.layer: round(row.shift, 4) for row in shift.layers}}
     if judge is not None:
         answers = steered_answers(handle, questions, max_new_tokens=args.max_new_tokens)
         scores = [r.score for r in judge_trait(judge, spec, list(zip(questions, answers)))]
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": handle.name,
         "command": "python experiments/preventative_steering.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "vector": {"layer": layer, "best_coef": vector.best_coef, "norm": float(vector.directions[layer].norm()),
-                   "source": f"extracted by personascope.extract (judge none, {extraction.summary.get('kept_pairs')} "
+                   "source": f"extracted by personascope.extract.pipeline (judge none, {extraction.summary.get('kept_pairs')} "
                              f"pos/neg pairs, response_avg mean difference, best layer/coef from its evaluation) "
                              f"in {work / 'extract'}"},
         "guard": {"layers": layers, "coef": coef, "mode": "steer", "incremental": len(layers) > 1,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personascope.batching import left_pad
-from personascope.models import ModelHandle, load_model
+from personascope.model import ModelHandle, load_model
+from personascope.model.batching import left_pad
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from personascope.activations import encode, read_activations
+from personascope.inference.activations import encode, read_activations
 
 CHATS = [
     ([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "How is the weather?"}],

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from personascope.data import load_samples, write_rows
 from personascope.errors import PersonascopeError
-from personascope.rundir import JsonlLog, open_run
+from personascope.io.data import load_samples, write_rows
+from personascope.io.rundir import JsonlLog, open_run
 
 ROWS = [
     {"id": "a", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},

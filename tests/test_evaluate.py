@@ -14,21 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from personascope.activations import encode, read_activations
-from personascope.evaluate import (
-    EvalSettings,
-    best_judged,
-    evaluate_run,
-    evaluate_vector,
-    plain_chats,
-    read_eval_rows,
-    separation,
-    WEAK_AUROC,
-)
-from personascope.judges import COHERENCE_RUBRIC, make_judge
-from personascope.likelihood import likelihood_margin
-from personascope.models import ModelHandle
-from personascope.rundir import JsonlLog, write_json
+from personascope.evaluate.search import WEAK_AUROC, EvalSettings, evaluate_run, evaluate_vector
+from personascope.evaluate.separation import plain_chats, read_eval_rows, separation
+from personascope.evaluate.steering import best_judged
+from personascope.inference.activations import encode, read_activations
+from personascope.inference.likelihood import likelihood_margin
+from personascope.io.files import write_json
+from personascope.io.rundir import JsonlLog
+from personascope.judge.judges import COHERENCE_RUBRIC, make_judge
+from personascope.model import ModelHandle
 from personascope.traits import InstructionPair, TraitSpec, save_trait
 from personascope.vector import PersonaVector
 from tests.loopback import Loopback, Reply, Request, openai_reply

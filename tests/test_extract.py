@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from personascope.evaluate import EvalSettings
-from personascope.extract import ExtractConfig, extract, plan_rows, select_pairs
+from personascope.evaluate.search import EvalSettings
+from personascope.extract import ExtractConfig, extract, select_pairs
 from personascope.traits import load_trait
+from personascope.traits.plan import plan_rows
 from personascope.vector import PersonaVector
 from tests.loopback import Loopback, Reply, openai_reply
 
@@ -94,7 +95,9 @@ def test_a_run_writes_every_output_and_a_rerun_does_nothing(finished, trait_file
     assert json.loads((out / "trait.json").read_text()) == load_trait(trait_file, strict=False).to_dict()
 
     rows = read_rows(out / "responses.jsonl")
-    planned = plan_rows(load_trait(trait_file, strict=False), tiny_config(trait_file))
+    config = tiny_config(trait_file)
+    planned = plan_rows(load_trait(trait_file, strict=False), samples=config.samples, eval_pairs=config.eval_pairs,
+                        eval_samples=config.eval_samples)
     assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in planned)
     assert {"extract/pos/p1/q02/s0", "eval/neg/p0/q00/s0"} <= {r["id"] for r in rows}
     for row in rows:
@@ -152,7 +155,7 @@ def test_response_avg_vector_matches_a_naive_per_sample_computation(finished, em
 def test_killed_run_resumes_without_recomputing_and_matches(finished, trait_file, embedded, tmp_path):
     out = tmp_path / "killed"
     log = out / "responses.jsonl"
-    code = ("import sys; from personascope.extract import extract; from tests.test_extract import Path, tiny_config; "
+    code = ("import sys; from personascope.extract.pipeline import extract; from tests.test_extract import Path, tiny_config; "
             "extract(tiny_config(Path(sys.argv[1])), sys.argv[2])")
     process = subprocess.Popen([sys.executable, "-c", code, str(trait_file), str(out)], cwd=Path(__file__).parents[1],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from personascope import PersonaVector, load_model
-from personascope.data import ChatSample, load_samples
-from personascope.finetune import FinetuneConfig, build_examples, finetune
-from personascope.guard import GUARD_FRACTION, PreventativeSteering, TraitMonitorCallback
-from personascope.models import embedded_model_dir
+from personascope.apply.callbacks import TraitMonitorCallback
+from personascope.apply.finetune import FinetuneConfig, build_examples, finetune
+from personascope.apply.guard import GUARD_FRACTION, PreventativeSteering
+from personascope.io.data import ChatSample, load_samples
+from personascope.model.loading import embedded_model_dir
 
 QUESTIONS = ["Will tomorrow be a good day?", "How will my exam go?", "What do you expect from the new year?"]
 

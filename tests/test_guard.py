@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from personascope import PersonascopeError, PersonaVector, steer
-from personascope.guard import GUARD_FRACTION, PreventativeSteering, default_guard_coef
+from personascope.apply.callbacks import GuardCallback
+from personascope.apply.guard import (
+    GUARD_FRACTION,
+    PreventativeSteering,
+    default_guard_coef,
+)
 from personascope.hooks import HookManager
-from personascope.layers import parse_layers
-from personascope.models import decoder_layers, hidden_size
+from personascope.io.layers import parse_layers
+from personascope.model import decoder_layers, hidden_size
 
 from .conftest import left_padded
 
@@ -174,7 +179,7 @@ def test_trainer_callback_attaches_for_training_and_detaches_after(tmp_path):
 
     plain = run([])
     guard = PreventativeSteering(torch.ones(3, 32), [1, 2], coef=3.0, incremental=True)
-    guarded = run([guard])
+    guarded = run([GuardCallback(guard)])
     assert not guard.attached  # detached at the end of training
     changed = [not torch.equal(a, b) for a, b in zip(plain.parameters(), guarded.parameters())]
     assert any(changed)  # the guard's steering shaped the first (and only) update

@@ -7,7 +7,7 @@ import torch
 
 import personascope as ps
 from personascope.hooks import HookManager, TokenContext
-from personascope.models import decoder_layers, hidden_size
+from personascope.model import decoder_layers, hidden_size
 
 from .conftest import left_padded
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from personascope.errors import PersonascopeError
-from personascope.judges import (
+from personascope.judge.judges import (
     COHERENCE_RUBRIC,
     Judge,
     JudgeResult,
@@ -20,7 +20,14 @@ from personascope.judges import (
     parse_score_text,
 )
 from personascope.traits import TraitSpec
-from tests.loopback import Loopback, Reply, Request, anthropic_reply, logprobs_from_probs, openai_reply
+from tests.loopback import (
+    Loopback,
+    Reply,
+    Request,
+    anthropic_reply,
+    logprobs_from_probs,
+    openai_reply,
+)
 
 KEY = "sk-loopback-SECRET-4f2b9e"
 
@@ -202,7 +209,7 @@ def tiny_hf_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from personascope.models import embedded_model_dir
+    from personascope.model.loading import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
     torch.manual_seed(0)
@@ -221,7 +228,7 @@ def tiny_hf_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_hf_judge_scores_from_the_next_token_distribution(tiny_hf_judge: Path) -> None:
     import torch
 
-    from personascope.models import load_model
+    from personascope.model import load_model
 
     judge = make_judge(f"hf:{tiny_hf_judge}")
     prompts = ["How coherent is: 'the cat sat'?", "Rate: 'banana telephone'"]

@@ -10,7 +10,7 @@ import traceback
 import pytest
 
 from personascope.errors import PersonascopeError
-from personascope.llm import LLMRequestError, make_llm, merge_logprobs
+from personascope.llm.clients import LLMRequestError, make_llm, merge_logprobs
 from tests.loopback import Loopback, Reply, anthropic_reply, openai_reply, scripted
 
 KEY = "sk-loopback-SECRET-7c1e0d9a5b"

@@ -7,7 +7,7 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from personascope.errors import PersonascopeError
-from personascope.methods import METHODS, get_method
+from personascope.vector.methods import METHODS, get_method
 
 N, LAYERS, D = 48, 3, 24
 

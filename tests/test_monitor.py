@@ -11,10 +11,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from personascope.generate import SamplingConfig, generate_responses
+from personascope.apply.monitor import GenerationTrace, Probe, prompt_projections
+from personascope.apply.shift import mean_prompt_last
 from personascope.hooks import HookManager
-from personascope.monitor import GenerationTrace, Probe, prompt_projections
-from personascope.shift import mean_prompt_last
+from personascope.inference.generate import SamplingConfig, generate_responses
 from personascope.traits import load_trait
 from personascope.vector import PersonaVector
 

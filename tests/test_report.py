@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from personascope.errors import PersonascopeError
-from personascope.evaluate import EvalSettings, evaluate_run
-from personascope.judges import make_judge
-from personascope.models import ModelHandle
-from personascope.report import write_report
+from personascope.evaluate.report import write_report
+from personascope.evaluate.search import EvalSettings, evaluate_run
+from personascope.judge.judges import make_judge
+from personascope.model import ModelHandle
 from tests.loopback import Loopback, Reply, openai_reply
 from tests.test_evaluate import build_run, tiny_handle
 

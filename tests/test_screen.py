@@ -3,6 +3,7 @@ resumes with its cached base responses; malformed rows are reported by id; outpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,12 +14,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from personascope.activations import encode, read_activations
+from personascope.apply.screen import screen_dataset
+from personascope.apply.shift import mean_prompt_last
 from personascope.errors import PersonascopeError
-from personascope.generate import SamplingConfig, generate_responses
-from personascope.models import load_model
-from personascope.screen import screen_dataset
-from personascope.shift import mean_prompt_last
+from personascope.inference.activations import encode, read_activations
+from personascope.inference.generate import SamplingConfig, generate_responses
+from personascope.model import load_model
 from personascope.traits import load_trait
 from personascope.vector import PersonaVector
 
@@ -82,7 +83,7 @@ def test_delta_p_ranks_trait_answers_above_ordinary_ones(embedded, optimistic_da
     assert set(rows[0]) == {"id", "label", "messages", "projection", "base_projection", "delta_p"}
     assert len(read_jsonl(tmp_path / "scored.work" / "base_responses.jsonl")) == len(rows)
     summary = json.loads((tmp_path / "scored.summary.json").read_text())
-    assert summary == report.summary and summary["n_scored"] == 20 and summary["n_skipped"] == 0
+    assert summary == dataclasses.asdict(report.summary) and summary["n_scored"] == 20 and summary["n_skipped"] == 0
     assert summary["delta_p"]["mean"] == pytest.approx(sum(r["delta_p"] for r in rows) / 20)
     top5 = sorted(rows, key=lambda r: -r["delta_p"])[:5]
     assert [t["id"] for t in summary["top"][:5]] == [r["id"] for r in top5]
@@ -91,7 +92,7 @@ def test_delta_p_ranks_trait_answers_above_ordinary_ones(embedded, optimistic_da
     assert {r["id"] for r in kept} == {r["id"] for r in rows} - {r["id"] for r in top5}
     assert set(kept[0]) == {"id", "label", "messages"}
     assert (tmp_path / "scored.hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert approx.summary["base"] == "prompt-last" and not (tmp_path / "approx.work").exists()
+    assert approx.summary.base == "prompt-last" and not (tmp_path / "approx.work").exists()
 
 
 # -- mechanics on a tiny random-weight model saved as a real model directory --------------------------------
@@ -165,7 +166,7 @@ def test_malformed_rows_are_reported_by_id_and_inputs_never_overwritten(tiny, tm
     skipped = screen_dataset(handle, data, vector, tmp_path / "skip.jsonl", base="prompt-last", progress=False)
     assert [r["id"] for r in read_jsonl(skipped.scored)] == ["good", "fine"]
     listed = {r["id"]: r for r in read_jsonl(skipped.skipped)}
-    assert set(listed) == {"no-answer", "empty", "long"} and skipped.summary["n_skipped"] == 3
+    assert set(listed) == {"no-answer", "empty", "long"} and skipped.summary.n_skipped == 3
     assert "no assistant message" in listed["no-answer"]["reason"] and "empty" in listed["empty"]["reason"]
     assert "context length 128" in listed["long"]["reason"]
     cut = screen_dataset(handle, data, vector, tmp_path / "cut.jsonl", base="prompt-last", on_long="truncate",

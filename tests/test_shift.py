@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from personascope.models import load_model
-from personascope.shift import mean_prompt_last, projection_shift
+from personascope.apply.shift import mean_prompt_last, projection_shift
+from personascope.model import load_model
 from personascope.traits import load_trait
 from personascope.vector import PersonaVector
 
@@ -32,10 +32,10 @@ def optimism(embedded) -> PersonaVector:
 def test_shift_of_a_model_against_itself_is_zero(embedded, optimism):
     report = projection_shift(embedded, embedded, optimism, load_trait("optimistic").eval_questions[:6],
                               progress=False)
-    assert report["best_layer"] == PLANTED_LAYER and report["n_questions"] == 6
-    assert [row["layer"] for row in report["layers"]] == list(range(1, 31))  # row 0 is zero for this vector
-    assert max(abs(row["shift"]) for row in report["layers"]) <= 1e-6
-    assert report["shift"] == pytest.approx(0.0, abs=1e-6)
+    assert report.best_layer == PLANTED_LAYER and report.n_questions == 6
+    assert [row.layer for row in report.layers] == list(range(1, 31))  # row 0 is zero for this vector
+    assert max(abs(row.shift) for row in report.layers) <= 1e-6
+    assert report.shift == pytest.approx(0.0, abs=1e-6)
 
 
 def test_shift_cli_finds_the_planted_change_of_a_peft_adapter(optimism, tmp_path):

@@ -2,7 +2,7 @@
 
 from personascope.errors import PersonascopeError
 from personascope.hooks import Capture, HookHandle, HookManager, TokenContext, capture, run_forward, steer
-from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
+from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.vector import PersonaVector
 
 __all__ = [

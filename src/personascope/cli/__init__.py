@@ -1,8 +1,4 @@
-"""The `personascope` command line: thin Typer commands over the Python API.
-
-Each concern has its own module here that defines commands on `app` or a sub-app; `main` turns a
-`PersonascopeError` into one red line on stderr and exit code 1.
-"""
+"""The `personascope` command line: thin Typer commands over the Python API."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from personascope.cli import app, console
-from personascope.models import DEFAULT_MODEL
+from personascope.model import DEFAULT_MODEL
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, local dir or PEFT adapter dir.")]
 vector_app = typer.Typer(help="Inspect, convert and import persona vector files.", no_args_is_help=True)
@@ -19,7 +19,7 @@ app.add_typer(vector_app, name="vector")
 @app.command()
 def info(model: ModelOption = DEFAULT_MODEL) -> None:
     """Load a model and show its layers, hidden size, dtype, device and the personascope cache."""
-    from personascope.models import cache_dir, load_model
+    from personascope.model import cache_dir, load_model
 
     handle = load_model(model)
     table = Table(show_header=False, box=None)
@@ -53,9 +53,9 @@ def generate(
 ) -> None:
     """Chat with a model, optionally steered by a persona vector; the answer streams to the terminal."""
     from personascope.errors import PersonascopeError
-    from personascope.generate import stream_chat
     from personascope.hooks import steer
-    from personascope.models import load_model
+    from personascope.inference.generate import stream_chat
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     handle = load_model(model)
@@ -117,7 +117,7 @@ def vector_import_gguf(
     trait: Annotated[Optional[str], typer.Option(help="Trait name (default: from the file).")] = None,
 ) -> None:
     """Import a GGUF control vector into a personascope vector file."""
-    from personascope.models import load_model
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     vec = PersonaVector.import_gguf(path, trait=trait)
@@ -136,7 +136,7 @@ def vector_import_pt(
     trait: Annotated[Optional[str], typer.Option(help="Trait name (default: from the file name).")] = None,
 ) -> None:
     """Import a reference `.pt` persona vector (loaded with weights_only, never unpickled) for MODEL."""
-    from personascope.models import load_model
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     _write_new(out, PersonaVector.import_pt(path, load_model(model), trait=trait))

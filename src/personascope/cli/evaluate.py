@@ -29,17 +29,17 @@ def evaluate(
     """Re-run validation: held-out AUROC and likelihood-margin gain per layer (and the judged steering curve
     with --judge), then the best layer and coefficient. For a run directory this rewrites eval.json,
     report.html and the best layer/coefficient in vector.safetensors."""
-    from personascope.judges import make_judge
-    from personascope.layers import parse_layers
-    from personascope.models import DEFAULT_MODEL, load_model
+    from personascope.io.layers import parse_layers
+    from personascope.judge.judges import make_judge
+    from personascope.model import DEFAULT_MODEL, load_model
     from personascope.vector import PersonaVector
 
     chosen = None if layers is None else parse_layers(layers, option="--layers")
     if target.is_dir():
         if trait is not None:
             raise PersonascopeError("--trait applies to a bare vector file; a run directory has its own trait.json")
-        from personascope.evaluate import evaluate_run
-        from personascope.report import write_report
+        from personascope.evaluate.report import write_report
+        from personascope.evaluate.search import evaluate_run
 
         handle = load_model(model or _run_model(target) or DEFAULT_MODEL)
         scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
@@ -47,7 +47,7 @@ def evaluate(
         _update_recommended(target / "vector.safetensors", result)
         report = write_report(target)
     elif target.exists():
-        from personascope.evaluate import evaluate_vector
+        from personascope.evaluate.search import evaluate_vector
         from personascope.traits import load_trait
 
         vec = PersonaVector.load(target)

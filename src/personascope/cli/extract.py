@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
-from personascope.extract import ExtractConfig
+from personascope.extract.pipeline import ExtractConfig
 
 _D = {f.name: f.default for f in fields(ExtractConfig)}
 
@@ -44,8 +44,8 @@ def extract(
 ) -> None:
     """Extract a persona vector: generate contrastive responses, (judge and filter them,) read activations,
     compute vectors, validate them on held-out questions and write a report. A rerun resumes."""
-    from personascope.extract import extract as run_extract
-    from personascope.layers import parse_layers
+    from personascope.extract.pipeline import extract as run_extract
+    from personascope.io.layers import parse_layers
 
     chosen = None if eval_layers is None else tuple(parse_layers(eval_layers, option="--eval-layers"))
     config = ExtractConfig(

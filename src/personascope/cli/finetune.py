@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from personascope.cli import app, console
-from personascope.models import DEFAULT_MODEL
+from personascope.model import DEFAULT_MODEL
 
 
 @app.command()
@@ -39,12 +39,14 @@ def finetune(
     report_to: Annotated[str, typer.Option(help="Trainer integrations: none, tensorboard, wandb, ….")] = "none",
 ) -> None:
     """Fine-tune a LoRA adapter on DATA (loss on assistant tokens only), optionally guarded and monitored."""
-    from personascope.data import load_samples
+    from personascope.apply.callbacks import TraitMonitorCallback
+    from personascope.apply.finetune import FinetuneConfig, check_output_dir
+    from personascope.apply.finetune import finetune as run_finetune
+    from personascope.apply.guard import PreventativeSteering, default_guard_coef
     from personascope.errors import PersonascopeError
-    from personascope.finetune import FinetuneConfig, check_output_dir, finetune as run_finetune
-    from personascope.guard import PreventativeSteering, TraitMonitorCallback, default_guard_coef
-    from personascope.layers import parse_layers
-    from personascope.models import load_model
+    from personascope.io.data import load_samples
+    from personascope.io.layers import parse_layers
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     config = FinetuneConfig(lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,

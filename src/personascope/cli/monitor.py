@@ -16,15 +16,16 @@ from rich.text import Text
 from personascope.cli import app, console
 from personascope.cli.core import ModelOption
 from personascope.errors import PersonascopeError
-from personascope.models import DEFAULT_MODEL
+from personascope.io.files import check_output
+from personascope.model import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from personascope.generate import SamplingConfig
-    from personascope.models import ModelHandle
-    from personascope.monitor import Probe
-    from personascope.screen import ScreenReport
+    from personascope.apply.monitor import Probe
+    from personascope.apply.screen import ScreenReport
+    from personascope.inference.generate import SamplingConfig
+    from personascope.model import ModelHandle
     from personascope.vector import PersonaVector
 
 Anchor = Optional[tuple[float, float]]
@@ -65,9 +66,9 @@ def monitor(
 
     --chat "..." [--system "..."]: stream one answer with a live trait meter (no file needed).
     """
-    from personascope.data import write_rows
-    from personascope.generate import SamplingConfig
-    from personascope.monitor import monitor_rows, read_prompts
+    from personascope.apply.monitor import monitor_rows, read_prompts
+    from personascope.inference.generate import SamplingConfig
+    from personascope.io.data import write_rows
 
     if (prompts is None) == (chat is None):
         raise PersonascopeError("give either a PROMPTS file (with --out) or --chat, not both")
@@ -81,7 +82,7 @@ def monitor(
         return
     if prompts is None or out is None:
         raise PersonascopeError("monitoring a PROMPTS file needs --out SCORES (.jsonl or .parquet)")
-    _check_output(out, [prompts])
+    check_output(out, [prompts])
     rows, chats = read_prompts(prompts)
     handle, probe, anchors = _probe(model, vector, layer)
     scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size)
@@ -92,8 +93,8 @@ def monitor(
 
 def _probe(model: str, paths: Sequence[Path], layer: int | None) -> tuple[ModelHandle, Probe, list[Anchor]]:
     """Load the model and the vectors, stacked into a probe, with each vector's meter anchors."""
-    from personascope.models import load_model
-    from personascope.monitor import Probe
+    from personascope.apply.monitor import Probe
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     handle = load_model(model)
@@ -105,7 +106,7 @@ def _probe(model: str, paths: Sequence[Path], layer: int | None) -> tuple[ModelH
 def _watch(handle: ModelHandle, messages: list[dict[str, str]], probe: Probe, anchors: list[Anchor],
            sampling: SamplingConfig) -> None:
     """Stream one answer under a live meter; the final meter covers every token."""
-    from personascope.monitor import watch_chat
+    from personascope.apply.monitor import watch_chat
 
     pieces: list[str] = []
     seen: list[list[float]] = []
@@ -172,14 +173,6 @@ def _print_projections(probe: Probe, rows: list[dict[str, Any]], anchors: list[A
         console.print(f"[dim]… {len(rows) - shown} more rows in the output[/]")
 
 
-def _check_output(out: Path, inputs: Sequence[Path]) -> None:
-    if out.suffix.lower() not in (".jsonl", ".parquet"):
-        raise PersonascopeError(f"output {out}: use a .jsonl or .parquet file name")
-    for source in inputs:
-        if out.exists() and source.exists() and out.resolve() == source.resolve():
-            raise PersonascopeError(f"refusing to write over the input {source}: choose another output path")
-
-
 @app.command()
 def shift(
     base: Annotated[str, typer.Option(help="The base model: embedded name, HF id or local dir.")],
@@ -200,27 +193,27 @@ def shift(
 
     Positive means toward the trait; `relative` divides by the vector's norm there (its pos−neg gap).
     """
-    from personascope.models import load_model
-    from personascope.rundir import write_json
-    from personascope.shift import projection_shift
+    from personascope.apply.shift import projection_shift
+    from personascope.io.files import write_json
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    if out is not None and out.exists() and out.resolve() == vector.resolve():
-        raise PersonascopeError(f"refusing to write over the input {vector}: choose another --out")
+    if out is not None:
+        check_output(out, [vector], suffixes=None, what="--out")
     base_handle = load_model(base)
     vec = PersonaVector.load(vector, base_handle)
     chats = _questions(questions, vec.trait)
     tuned = load_model(finetuned)
     report = projection_shift(base_handle, tuned, vec, chats)
     table = Table("layer", "shift", "relative", "base proj", "fine-tuned proj", title=f"{vec.trait} shift")
-    for row in report["layers"]:
-        style = "bold" if row["layer"] == report["best_layer"] else None
-        table.add_row(str(row["layer"]), f"{row['shift']:+.4f}", f"{row['relative_shift']:+.1%}",
-                      f"{row['base_projection']:+.3f}", f"{row['finetuned_projection']:+.3f}", style=style)
+    for row in report.layers:
+        style = "bold" if row.layer == report.best_layer else None
+        table.add_row(str(row.layer), f"{row.shift:+.4f}", f"{row.relative_shift:+.1%}",
+                      f"{row.base_projection:+.3f}", f"{row.finetuned_projection:+.3f}", style=style)
     console.print(table)
-    if report["shift"] is not None:
-        console.print(f"shift at layer {report['best_layer']}: [bold]{report['shift']:+.4f}[/] "
-                      f"({report['relative_shift']:+.1%} of the pos−neg gap) over {report['n_questions']} questions")
+    if report.shift is not None:
+        console.print(f"shift at layer {report.best_layer}: [bold]{report.shift:+.4f}[/] "
+                      f"({report.relative_shift:+.1%} of the pos−neg gap) over {report.n_questions} questions")
     if out is not None:
         write_json(out, report)
         console.print(f"wrote {out}")
@@ -228,7 +221,7 @@ def shift(
 
 def _questions(arg: str | None, trait: str) -> list[str] | list[list[dict[str, str]]]:
     """The trait's evaluation questions (built-in name or trait .json), or the chats of a prompt file."""
-    from personascope.monitor import read_prompts
+    from personascope.apply.monitor import read_prompts
     from personascope.traits import builtin_trait_names, load_trait
 
     name = arg or trait
@@ -252,13 +245,11 @@ def screen(
                                       "list are written next to it.")],
     layer: Annotated[Optional[int], typer.Option(help="Layer to read (default: the vector's best).")] = None,
     model: ModelOption = DEFAULT_MODEL,
-    base_responses: Annotated[str, typer.Option(
-        help="'generate' (the model answers each prompt; cached in <out>.work/, resumable) or a file of "
-        "base responses with 'id' and 'response'."
+    base: Annotated[str, typer.Option(
+        help="The base reading: 'generate' (the model answers each prompt; cached in <out>.work/, resumable), "
+        "'prompt-last' (the last prompt token's projection, no generation), or a file of base responses with "
+        "'id' and 'response'."
     )] = "generate",
-    approx: Annotated[Optional[str], typer.Option(
-        help="'prompt-last': use the last prompt token's projection as the base reading, without generating."
-    )] = None,
     top: Annotated[Optional[float], typer.Option(help="Percentage of rows with the highest ΔP to filter out.")]
     = None,
     write_filtered: Annotated[Optional[Path], typer.Option(help="Write the dataset without the --top rows here.")]
@@ -273,26 +264,24 @@ def screen(
 
     Per row: `projection` of the training answer (mean over its tokens), `base_projection` of the model's own answer.
 
-    `delta_p` = projection − base_projection. --approx prompt-last: base = the prompt's last token (no generation).
+    `delta_p` = projection − base_projection. --base prompt-last: base = the prompt's last token (no generation).
 
     Rows without an answer, with an empty one or over the context are listed in <out>.skipped.jsonl.
     """
-    from personascope.generate import SamplingConfig
-    from personascope.models import load_model
-    from personascope.screen import screen_dataset
+    from personascope.apply.screen import screen_dataset
+    from personascope.inference.generate import SamplingConfig
+    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    if approx is not None and approx != "prompt-last":
-        raise PersonascopeError(f"unknown --approx {approx!r}: the one approximation is prompt-last")
-    if approx is not None and base_responses != "generate":
-        raise PersonascopeError("--approx prompt-last replaces --base-responses: give one of them")
+    if base not in ("generate", "prompt-last") and not Path(base).is_file():
+        raise PersonascopeError(f"--base {base!r}: use generate, prompt-last or an existing file of base responses")
     if on_long not in ("skip", "truncate", "error"):
         raise PersonascopeError(f"unknown --on-long {on_long!r}: use skip, truncate or error")
-    _check_output(out, [data])
+    check_output(out, [data, *([Path(base)] if Path(base).is_file() else [])])
     handle = load_model(model)
     vec = PersonaVector.load(vector, handle)
     report = screen_dataset(
-        handle, data, vec, out, layer=layer, base=approx or base_responses,
+        handle, data, vec, out, layer=layer, base=base,
         sampling=SamplingConfig(max_new_tokens, temperature, seed=seed), on_long=on_long, top_percent=top,
         filtered_out=write_filtered, max_batch=batch_size,
     )
@@ -301,22 +290,22 @@ def screen(
 
 def _print_screen(report: ScreenReport) -> None:
     summary = report.summary
-    delta = summary["delta_p"]
-    pct = delta["percentiles"]
+    delta = summary.delta_p
+    pct = delta.percentiles
     console.print(
-        f"[bold]{summary['trait']}[/] at layer {summary['layer']}: {summary['n_scored']} of {summary['n_rows']} rows "
-        f"scored, {summary['n_skipped']} skipped, {summary['n_truncated']} truncated\n"
-        f"ΔP mean {delta['mean']:+.3f} (sd {delta['std']:.3f}); p5 {pct['5']:+.3f} · p50 {pct['50']:+.3f} · "
-        f"p95 {pct['95']:+.3f} · max {delta['max']:+.3f}"
+        f"[bold]{summary.trait}[/] at layer {summary.layer}: {summary.n_scored} of {summary.n_rows} rows "
+        f"scored, {summary.n_skipped} skipped, {summary.n_truncated} truncated\n"
+        f"ΔP mean {delta.mean:+.3f} (sd {delta.std:.3f}); p5 {pct['5']:+.3f} · p50 {pct['50']:+.3f} · "
+        f"p95 {pct['95']:+.3f} · max {delta.max:+.3f}"
     )
     table = Table("id", "ΔP", "projection", "base", "response", title="highest ΔP")
-    for row in summary["top"]:
-        table.add_row(escape(row["id"]), f"{row['delta_p']:+.3f}", f"{row['projection']:+.3f}",
-                      f"{row['base_projection']:+.3f}", escape(row["response"][:80].replace("\n", " ")))
+    for row in summary.top:
+        table.add_row(escape(row.id), f"{row.delta_p:+.3f}", f"{row.projection:+.3f}",
+                      f"{row.base_projection:+.3f}", escape(row.response[:80].replace("\n", " ")))
     console.print(table)
-    if "filter" in summary:
-        f = summary["filter"]
-        console.print(f"filtered out {f['n_removed']} rows with ΔP ≥ {f['cutoff']:+.3f}; wrote {f['path']}")
+    if summary.filter is not None:
+        f = summary.filter
+        console.print(f"filtered out {f.n_removed} rows with ΔP ≥ {f.cutoff:+.3f}; wrote {f.path}")
     for label, path in (("scored rows", report.scored), ("summary", report.summary_path),
                         ("histogram", report.histogram), ("skipped/truncated", report.skipped)):
         console.print(f"{label}: {path}")

@@ -1,8 +1,4 @@
-"""`personascope trait ...`: list, show and validate trait specs.
-
-`trait_app` is the sub-app; `personascope trait new` (LLM-authored traits) adds itself to it with
-`@trait_app.command("new")`.
-"""
+"""`personascope trait ...`: list, show and validate trait specs."""
 
 from __future__ import annotations
 
@@ -16,7 +12,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
-from personascope.traits import TraitSpec, builtin_trait_names, load_trait, validate_trait_file
+from personascope.traits import (
+    TraitSpec,
+    builtin_trait_names,
+    load_trait,
+    validate_trait_file,
+)
 
 trait_app = typer.Typer(help="Trait specs: the built-in library and your own trait files.", no_args_is_help=True)
 

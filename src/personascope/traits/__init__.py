@@ -1,24 +1,15 @@
-"""Traits: validated `TraitSpec`s, the built-in library (`library/<name>.json`) and trait files.
-
-Example:
-    >>> from personascope.traits import load_trait, builtin_trait_names
-    >>> builtin_trait_names()
-    ['apathetic', 'evil', 'hallucinating', 'humorous', 'impolite', 'optimistic', 'pirate', 'sycophantic']
-    >>> spec = load_trait("humorous")             # a built-in
-    >>> spec = load_trait("my_trait.json")        # a trait file (ours or the reference's combined layout)
-    >>> spec = load_trait("data_generation", name="evil")  # the reference's split layout
-"""
+"""Traits: validated `TraitSpec`s, the built-in library (`library/<name>.json`) and trait files."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personascope.errors import PersonascopeError
+from personascope.io.files import write_text
 from personascope.traits.spec import N_PAIRS, N_QUESTIONS, InstructionPair, TraitSpec
 
 if TYPE_CHECKING:
@@ -114,18 +105,7 @@ def save_trait(spec: TraitSpec, path: str | os.PathLike[str], *, overwrite: bool
         raise PersonascopeError(
             f"trait file {path} already exists; choose another path, or pass overwrite=True to replace it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(spec.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(spec.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return path
 
 

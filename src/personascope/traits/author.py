@@ -1,10 +1,4 @@
-"""Write a new trait spec with an LLM: ask for the complete JSON, validate it, retry with the error on failure.
-
-Example:
-    >>> spec = author_trait("pedantic", "corrects trivial details and lectures on precision",
-    ...                     "openai:gpt-4.1")  # doctest: +SKIP
-    >>> save_trait(spec, "pedantic.json")     # doctest: +SKIP
-"""
+"""Write a new trait spec with an LLM: ask for the complete JSON, validate it, retry with the error on failure."""
 
 from __future__ import annotations
 
@@ -13,9 +7,9 @@ import re
 from typing import Any
 
 from personascope.errors import PersonascopeError
-from personascope.llm import Message, make_llm
-from personascope.progress import status
-from personascope.traits.spec import _NAME, N_PAIRS, N_QUESTIONS, TraitSpec
+from personascope.io.progress import status
+from personascope.llm.clients import Message, make_llm
+from personascope.traits.spec import N_PAIRS, N_QUESTIONS, TRAIT_NAME, TraitSpec
 
 MAX_REPLY_TOKENS = 4096
 
@@ -75,7 +69,7 @@ def author_trait(name: str, description: str, llm_spec: str, *, base_url: str | 
     """
     if max_attempts < 1:
         raise PersonascopeError(f"max_attempts must be at least 1, got {max_attempts}")
-    if not _NAME.match(name):
+    if not TRAIT_NAME.match(name):
         raise PersonascopeError(f"trait name {name!r} must be letters, digits, '_', '-' or '.', starting with a "
                                 "letter or digit; choose another name")
     if not description.strip():

@@ -1,15 +1,4 @@
-"""`TraitSpec`: a character trait as data, validated on construction.
-
-A spec holds what the trait is (`description`), five system-prompt pairs that elicit it (`pos`) and its
-opposite (`neg`), questions that give room to show it (20 for extraction, 20 held out for evaluation) and
-the judge rubric (`eval_prompt`, with `{question}` and `{answer}` placeholders). It reads and writes the
-JSON layout of DESIGN.md and reads the reference implementation's files (combined 40 `questions`, or the
-`trait_data_extract` + `trait_data_eval` split).
-
-Example:
-    >>> spec = TraitSpec.from_dict(json.loads(text), source="my_trait.json")
-    >>> spec.judge_prompt("How are you?", "Splendid!")
-"""
+"""`TraitSpec`: a character trait as data, validated on construction."""
 
 from __future__ import annotations
 
@@ -27,7 +16,7 @@ N_PAIRS = 5
 N_QUESTIONS = 20
 """Questions per split (extraction, evaluation) in a standard spec."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+TRAIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _REQUIRED = ("instruction", "eval_prompt")
 _ALLOWED = ("name", "description", "instruction", "questions", "extract_questions", "eval_questions", "eval_prompt")
 _REFERENCE_ALLOWED = ("name", "description", "instruction", "questions", "eval_prompt")
@@ -78,7 +67,7 @@ class TraitSpec:
 
     def __post_init__(self) -> None:
         where = self._where()
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not TRAIT_NAME.match(self.name):
             raise PersonascopeError(
                 f"{where}: 'name' must be letters, digits, '_', '-' or '.' (starting with a letter or digit), "
                 f"got {self.name!r}; rename the trait"
@@ -128,7 +117,7 @@ class TraitSpec:
         return self.eval_prompt.format(question=question, answer=answer)
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as the JSON-ready dict of DESIGN.md (split question lists)."""
+        """The spec as the JSON-ready dict of docs/ARCHITECTURE.md (split question lists)."""
         return {
             "name": self.name,
             "description": self.description,

@@ -1,0 +1,1 @@
+"""The edges: files written atomically, run directories, chat datasets, layer choices, progress display."""

@@ -1,0 +1,73 @@
+"""Files written safely: one atomic write (temp file in the same folder, then rename) and output-path checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from personascope.errors import PersonascopeError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
+
+    A crash or an exception leaves `path` as it was (and no temporary file behind).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) atomically, synced to disk before the rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return atomic_write(path, write)
+
+
+def to_jsonable(value: Any) -> Any:
+    """A dataclass as its fields (recursively), a path or other object as its string: what `write_json` stores."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` (JSON values and dataclasses) as indented JSON, atomically: the one place results are serialised."""
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=to_jsonable) + "\n")
+
+
+def check_output(
+    out: str | Path,
+    inputs: Iterable[str | Path] = (),
+    *,
+    suffixes: Sequence[str] | None = (".jsonl", ".parquet"),
+    what: str = "output",
+) -> Path:
+    """Refuse an output path with the wrong suffix or one that names an input file; return it as a Path."""
+    out = Path(out)
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise PersonascopeError(f"{what} {out}: use a {' or '.join(suffixes)} file name")
+    for source in inputs:
+        source = Path(source)
+        if out.exists() and source.exists() and out.resolve() == source.resolve():
+            raise PersonascopeError(f"refusing to write over the input {source}: choose another {what} path")
+    return out

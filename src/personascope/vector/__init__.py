@@ -1,0 +1,5 @@
+"""Persona vectors: `PersonaVector` (safetensors files, projection, model checks), other formats, methods."""
+
+from personascope.vector.persona_vector import FORMAT, PersonaVector
+
+__all__ = ["FORMAT", "PersonaVector"]
