@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from personascope.evaluate.search import WEAK_AUROC, EvalSettings, evaluate_run, evaluate_vector
+from personascope.evaluate.search import (
+    WEAK_AUROC,
+    EvalSettings,
+    evaluate_run,
+    evaluate_vector,
+)
 from personascope.evaluate.separation import plain_chats, read_eval_rows, separation
 from personascope.evaluate.steering import best_judged
 from personascope.inference.activations import encode, read_activations
