@@ -68,6 +68,13 @@ export async function getJSON(url) {
   return response.json();
 }
 
+// A file behind the key (e.g. the served run's report) as a same-origin blob: URL for a frame or a link.
+export async function blobURL(url) {
+  const response = await authorised(url);
+  if (!response.ok) throw await failure(response);
+  return URL.createObjectURL(await response.blob());
+}
+
 export async function postJSON(url, body) {
   const response = await authorised(url, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),

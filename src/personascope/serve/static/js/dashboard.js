@@ -1,7 +1,7 @@
 // The dashboard: trait scores of recent traffic over time (one chart per vector, with its alert threshold),
 // the last alerts with their conversations, the recent requests, the loaded vectors and a served run's report.
 
-import { getJSON } from "./api.js";
+import { blobURL, getJSON } from "./api.js";
 import { fmt } from "./meter.js";
 
 const $ = (id) => document.getElementById(id);
@@ -38,6 +38,9 @@ export class Dashboard {
     this.vectors = [];
     $("refresh").addEventListener("click", () => this.refresh());
     $("recent-limit").addEventListener("change", () => this.refresh());
+    window.addEventListener("resize", () => {
+      for (const { plot, target } of this.plots.values()) plot.setSize({ width: target.clientWidth || 320, height: 200 });
+    });
   }
 
   start() {
@@ -58,11 +61,17 @@ export class Dashboard {
         .map((cell) => el("td", { textContent: cell == null || Number.isNaN(cell) ? "–" : String(cell) })))));
   }
 
-  showReport(url) {
+  // The run report lies behind the API key like the API, so it is fetched with it and shown from a blob.
+  async showReport(url) {
     $("report-panel").hidden = !url;
     if (!url) return;
-    $("report-link").href = url;
-    if (!$("report-frame").src) $("report-frame").src = url;
+    try {
+      const local = await blobURL(url);
+      $("report-link").href = local;
+      $("report-frame").src = local;
+    } catch (error) {
+      this.state.notify(`Could not load the run report: ${error.message}`);
+    }
   }
 
   async refresh() {
@@ -107,7 +116,7 @@ export class Dashboard {
         card.append(target);
         box.append(card);
         const plot = new uPlot({
-          width: Math.max(320, target.clientWidth || card.clientWidth - 24), height: 200,
+          width: Math.max(320, target.clientWidth || card.clientWidth - 24), height: 200, legend: { live: false },
           series: [{ label: "time" },
             { label: "answer", stroke: "#ea580c", width: 2, points: { size: 6, fill: "#ea580c" } },
             { label: "prompt", stroke: "#2563eb", width: 1, points: { size: 5, fill: "#2563eb" } },

@@ -114,7 +114,7 @@ export class Meter {
     if (this.plot) this.plot.destroy();
     const width = this.chartBox.clientWidth || 300;
     this.plot = new uPlot({
-      width, height: 150, legend: { show: true }, cursor: { y: false },
+      width, height: 150, legend: { live: false }, cursor: { y: false },
       scales: { x: { time: false } },
       axes: [{ label: "token", size: 30, labelSize: 14 }, { size: 40 }],
       series: [{ label: "token" }, ...lines],
