@@ -150,7 +150,8 @@ def test_playground_steers_meters_and_dashboard_lists(server: str, browser) -> N
         rows.nth(2).wait_for(timeout=15_000)
         assert rows.count() == 3
         assert all(PROMPT in rows.nth(i).inner_text() for i in range(3))
-        assert "steered: pirate +2.0" in rows.nth(0).inner_text() or "steered: pirate +2.0" in rows.nth(1).inner_text()
+        # Newest first: the plain side-by-side answer, the steered one, the first (slider at 0 = no steering).
+        assert [("steered: pirate +2.0" in rows.nth(i).inner_text()) for i in range(3)] == [False, True, False]
         assert page.get_by_test_id("chart-pirate").get_attribute("data-points") == "3"
         vector_row = page.locator("#vectors-table tbody tr").first.inner_text()
         assert "pirate" in vector_row and "13" in vector_row

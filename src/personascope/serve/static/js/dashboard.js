@@ -121,7 +121,7 @@ export class Dashboard {
             { label: "answer", stroke: "#ea580c", width: 2, points: { size: 6, fill: "#ea580c" } },
             { label: "prompt", stroke: "#2563eb", width: 1, points: { size: 5, fill: "#2563eb" } },
             { label: "alert threshold", stroke: "#dc2626", dash: [6, 4], width: 1, points: { show: false } }],
-          axes: [{}, { size: 46 }],
+          axes: [{ values: (u, splits) => splits.map((t) => new Date(t * 1000).toLocaleTimeString()) }, { size: 46 }],
         }, data, target);
         entry = { card, plot, target };
         this.plots.set(vector.name, entry);

@@ -12,6 +12,14 @@ export function sliderMax(vector) {
   return best > 0 ? 2 * best : 8;
 }
 
+// A slider's coefficient: rounded to its step, and exactly 0 (off) near the middle, whatever floating point
+// made of min + k·step.
+export function coefOf(input) {
+  const step = Number(input.step);
+  const value = Math.round(Number(input.value) / step) * step;
+  return Math.abs(value) < step / 2 ? 0 : Number(value.toFixed(4));
+}
+
 export class Playground {
   constructor(state) {
     this.state = state;           // {vectors, model, notify}
@@ -57,7 +65,7 @@ export class Playground {
     row.querySelectorAll(".slider-scale span")[0].textContent = fmt(-max, 1);
     row.querySelectorAll(".slider-scale span")[2].textContent = fmt(max, 1);
     const show = () => {
-      const coef = Number(input.value);
+      const coef = coefOf(input);
       output.textContent = coef === 0 ? "off" : (coef > 0 ? "+" : "") + fmt(coef);
       row.classList.toggle("active", coef !== 0);
     };
@@ -69,7 +77,7 @@ export class Playground {
 
   steering() {
     return [...document.querySelectorAll("#sliders input[type=range]")]
-      .map((input) => ({ vector: input.dataset.vector, coef: Number(input.value) }))
+      .map((input) => ({ vector: input.dataset.vector, coef: coefOf(input) }))
       .filter((s) => s.coef !== 0);
   }
 
