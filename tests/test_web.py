@@ -31,6 +31,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("served-run")
     (run / "report.html").write_text("<html><body><h1>Persona vector: pirate</h1></body></html>")
     (run.parent / "secret.txt").write_text("not for the web")
+    (run / "link.txt").symlink_to(run.parent / "secret.txt")  # a link out of the run is refused too
     return run
 
 
@@ -76,7 +77,8 @@ def test_run_report_behind_the_key_and_no_path_traversal(server: str) -> None:
     assert httpx.get(server + "/runs/report.html").status_code == 401
     report = httpx.get(server + "/runs/report.html", headers=auth)
     assert report.status_code == 200 and "Persona vector: pirate" in report.text
-    for sneaky in ("/runs/../secret.txt", "/runs/%2e%2e/secret.txt", "/runs/..%2fsecret.txt", "/runs/nope.html"):
+    for sneaky in ("/runs/../secret.txt", "/runs/%2e%2e/secret.txt", "/runs/..%2fsecret.txt", "/runs/link.txt",
+                   "/runs/nope.html"):
         response = httpx.get(server + sneaky, headers=auth)
         assert response.status_code == 404 and "not for the web" not in response.text, sneaky
     assert httpx.get(server + "/web/config").json() == {"runs": True, "report": "/runs/report.html"}
@@ -104,7 +106,10 @@ def test_playground_steers_meters_and_dashboard_lists(server: str, browser) -> N
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     try:
         page.goto(server + "/")
-        # The key is asked for once and kept in this tab's session only.
+        # The key is asked for (again after a wrong one) and then kept in this tab's session only.
+        page.get_by_test_id("api-key-input").fill("wrong-key")
+        page.get_by_test_id("api-key-save").click()
+        page.locator("#key-error").get_by_text("refused").wait_for()
         page.get_by_test_id("api-key-input").fill(KEY)
         page.get_by_test_id("api-key-save").click()
         page.wait_for_selector('body[data-ready="true"]')
