@@ -39,7 +39,9 @@ export class Dashboard {
     $("refresh").addEventListener("click", () => this.refresh());
     $("recent-limit").addEventListener("change", () => this.refresh());
     window.addEventListener("resize", () => {
-      for (const { plot, target } of this.plots.values()) plot.setSize({ width: target.clientWidth || 320, height: 200 });
+      for (const { plot, target } of this.plots.values()) {
+        plot.setSize({ width: target.clientWidth || 320, height: 200 });
+      }
     });
   }
 
@@ -95,10 +97,14 @@ export class Dashboard {
     const box = $("charts");
     const names = this.vectors.map((v) => v.name);
     for (const name of [...this.plots.keys()]) {
-      if (!names.includes(name)) { this.plots.get(name).plot.destroy(); this.plots.get(name).card.remove(); this.plots.delete(name); }
+      if (names.includes(name)) continue;
+      const { plot, card } = this.plots.get(name);
+      plot.destroy();
+      card.remove();
+      this.plots.delete(name);
     }
     if (!names.length) {
-      box.replaceChildren(el("p", { className: "muted", textContent: "No vectors loaded, so nothing is scored." }));
+      box.replaceChildren(muted("No vectors loaded, so nothing is scored."));
       return;
     }
     for (const vector of this.vectors) {
@@ -109,7 +115,8 @@ export class Dashboard {
         scored.map((r) => r.monitor[vector.name].prompt), xs.map(() => threshold)];
       let entry = this.plots.get(vector.name);
       if (!entry) {
-        const card = el("div", { className: "chart-card" }, el("h3", { textContent: `${vector.name} — trait score per request` }));
+        const title = el("h3", { textContent: `${vector.name} — trait score per request` });
+        const card = el("div", { className: "chart-card" }, title);
         card.dataset.vector = vector.name;
         card.dataset.testid = `chart-${vector.name}`;
         const target = el("div");
@@ -141,14 +148,15 @@ export class Dashboard {
         el("summary", {},
           el("span", { className: "time", textContent: clock(r.created) }),
           el("span", { className: "prompt", textContent: lastUser(r) }),
-          r.steer && r.steer.length ? el("span", { className: "steer", textContent: `steered: ${steerLabel(r.steer)}` }) : null,
+          r.steer && r.steer.length
+            ? el("span", { className: "steer", textContent: `steered: ${steerLabel(r.steer)}` }) : null,
           ...scores),
         conversation(r));
       row.dataset.testid = "recent-row";
       row.dataset.id = r.id;
       return row;
     });
-    $("recent").replaceChildren(...(rows.length ? rows : [el("p", { className: "muted", textContent: "No requests yet." })]));
+    $("recent").replaceChildren(...(rows.length ? rows : [muted("No requests yet.")]));
   }
 
   alerts(alerts) {
@@ -166,13 +174,18 @@ export class Dashboard {
       card.dataset.id = a.id;
       return card;
     });
-    $("alerts").replaceChildren(...(items.length ? items : [el("p", { className: "muted", textContent: "No alerts." })]));
+    $("alerts").replaceChildren(...(items.length ? items : [muted("No alerts.")]));
   }
+}
+
+function muted(text) {
+  return el("p", { className: "muted", textContent: text });
 }
 
 function conversation(record) {
   const box = el("div", { className: "conversation" });
-  for (const m of record.messages || []) box.append(el("div", { className: `bubble ${m.role}`, textContent: String(m.content) }));
-  if (record.answer != null) box.append(el("div", { className: "bubble assistant", textContent: String(record.answer) }));
+  const turns = [...(record.messages || [])];
+  if (record.answer != null) turns.push({ role: "assistant", content: record.answer });
+  for (const m of turns) box.append(el("div", { className: `bubble ${m.role}`, textContent: String(m.content) }));
   return box;
 }

@@ -95,10 +95,13 @@ export class Meter {
     const scale = scaleOf(name);
     const bar = document.createElement("div");
     bar.className = "legend-bar";
-    bar.style.background = `linear-gradient(to right, ${colour(-scale, scale)}, ${colour(0, scale)}, ${colour(scale, scale)})`;
+    const stops = [-scale, 0, scale].map((v) => colour(v, scale));
+    bar.style.background = `linear-gradient(to right, ${stops.join(", ")})`;
     const labels = document.createElement("div");
     labels.className = "legend-labels";
-    labels.append(...[-scale, 0, scale].map((v) => Object.assign(document.createElement("span"), { textContent: fmt(v, 1) })));
+    for (const v of [-scale, 0, scale]) {
+      labels.append(Object.assign(document.createElement("span"), { textContent: fmt(v, 1) }));
+    }
     this.legendBox.replaceChildren(bar, labels);
   }
 

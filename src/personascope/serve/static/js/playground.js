@@ -55,7 +55,7 @@ export class Playground {
     row.className = "slider";
     row.innerHTML = `<div class="slider-head"><label></label><output></output></div>
       <input type="range"><div class="slider-scale"><span></span><span>0 = off</span><span></span></div>`;
-    const [label, output, input] = [row.querySelector("label"), row.querySelector("output"), row.querySelector("input")];
+    const [label, output, input] = ["label", "output", "input"].map((tag) => row.querySelector(tag));
     const id = `coef-${vector.name}`;
     Object.assign(input, { id, min: -max, max, step: max / 50, value: 0, title: "double-click: back to 0" });
     input.dataset.testid = id;
@@ -104,7 +104,8 @@ export class Playground {
     input.value = "";
     this.pending = { user: text, answer: "" };
     bubble($("transcript"), "user", text, "pending-user");
-    $("answer-title").textContent = steer.length ? `Steered (${steer.map((s) => `${s.vector} ${fmt(s.coef, 1)}`).join(", ")})` : "Answer";
+    const steering = steer.map((s) => `${s.vector} ${fmt(s.coef, 1)}`).join(", ");
+    $("answer-title").textContent = steer.length ? `Steered (${steering})` : "Answer";
     $("prompt-projection").innerHTML = '<span class="muted">reading the prompt…</span>';
     $("plain-card").hidden = !compare;
     this.views = { steered: new TokenView($("answer")), plain: compare ? new TokenView($("answer-plain")) : null };
