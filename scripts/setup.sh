@@ -21,5 +21,9 @@ fi
 # not reachable; its Python package drives this one). Installed only when missing; needs root or sudo.
 if ! command -v chromium >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || command -v sudo >/dev/null 2>&1; }; then
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+  else
+    echo "warning: install Debian's chromium (apt-get install chromium) for the web page's browser tests" >&2
+  fi
 fi
