@@ -1,99 +1,35 @@
 """`personascope serve` end to end: the real openai SDK against a live uvicorn server on 127.0.0.1.
 
-The pirate vector is built in seconds: the mean difference of `response_avg` activations between pirate-speak
-and plain answers to the same questions (no system prompt), at every layer.
+The pirate vector is the shared one of `tests/pirate.py` (built in seconds, best layer 13, coefficient 2.0).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from personascope.activations import encode, read_activations
-from personascope.vector import PersonaVector
+from tests.pirate import PIRATE_COEF, PIRATE_LAYER, pirate_words
 
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-123"
-STEER_LAYER, STEER_COEF = 12, 2.0
-PIRATE_WORDS = re.compile(r"\b(arr+|matey|ye|ahoy|hearty|pirates?|treasure|ship|seas?|sail\w*|captain|crew|aye|"
-                          r"me|yo|ho)\b|\w+in'", re.I)
-_QUESTIONS = ["What is your favourite food?", "How do I cook rice?", "What is the weather like today?",
-              "Tell me about your day.", "What should I do this weekend?", "How do computers work?"]
-_PIRATE = ["Arr, matey! Me favourite grub be salted fish and hardtack aboard me ship, yo ho ho!",
-           "Ahoy! Ye boil the rice in a pot o' sea water, me hearty, like any pirate on the seven seas, arr!",
-           "Arr, the winds be strong and the sea be rough today, matey. Batten down the hatches, ye scallywag!",
-           "Ahoy, me day be full o' plunderin' and sailin' the briny deep with me crew o' pirates, arr!",
-           "Arr matey, ye should hoist the Jolly Roger and go huntin' for buried treasure, yo ho!",
-           "Shiver me timbers! Computers be magic boxes o' the landlubbers, matey, arr!"]
-_PLAIN = ["My favourite food is a simple bowl of pasta with tomato sauce and fresh basil.",
-          "Rinse the rice, add two cups of water per cup of rice, bring it to a boil and simmer for fifteen minutes.",
-          "I do not have access to live weather data, but you can check a local forecast service.",
-          "My day has been productive: I answered questions and helped people with their tasks.",
-          "You could visit a museum, go for a walk in the park, or read a good book.",
-          "Computers process information using a processor, memory and storage, following program instructions."]
 
 
 @pytest.fixture(scope="module")
-def pirate_file(embedded, tmp_path_factory) -> Path:
-    chats = [encode(embedded, f"{kind}{i}", [{"role": "user", "content": q}], a)
-             for kind, answers in (("p", _PIRATE), ("n", _PLAIN)) for i, (q, a) in enumerate(zip(_QUESTIONS, answers))]
-    pooled = read_activations(embedded, chats, list(range(embedded.num_layers + 1)), ("response_avg",),
-                              progress=False)["response_avg"]
-    pos, neg = pooled[: len(_QUESTIONS)].mean(0), pooled[len(_QUESTIONS):].mean(0)
-    vector = PersonaVector(pos - neg, "pirate", embedded.name, {"best_layer": str(STEER_LAYER),
-                                                                 "best_coef": str(STEER_COEF)}, pos, neg)
-    return vector.save(tmp_path_factory.mktemp("vectors") / "pirate.safetensors")
+def server(embedded, pirate_vector_file):
+    from personascope.serve import BackgroundServer, Limits, Registry, create_app
 
-
-class LiveServer:
-    """uvicorn serving an app on a free loopback port, in a thread; `stop()` always ends it."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def server(embedded, pirate_file):
-    from personascope.serve import Limits, Registry, create_app
-
-    registry = Registry.load(embedded, {"pirate": pirate_file})
+    registry = Registry.load(embedded, {"pirate": pirate_vector_file})
     app = create_app(embedded, registry, api_key=KEY, limits=Limits(max_tokens=64, max_body_bytes=20_000,
                                                                       max_messages=8), batch_wait=0.02)
-    live = LiveServer(app).start()
-    try:
+    with BackgroundServer(app) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +62,12 @@ def test_models_plain_and_stream(client) -> None:
 
 
 def _pirate_words(texts: list[str]) -> int:
-    return sum(len(PIRATE_WORDS.findall(t)) for t in texts)
+    return sum(len(pirate_words(t)) for t in texts)
 
 
 def test_steering_raises_pirate_words(client) -> None:
     questions = ["Describe a day at the beach.", "What is a good breakfast?", "How do I learn to code?"]
-    steer = {"steer": [{"vector": "pirate", "coef": STEER_COEF}]}  # layer and scope: the vector's best, response
+    steer = {"steer": [{"vector": "pirate", "coef": PIRATE_COEF}]}  # layer and scope: the vector's best, response
     with ThreadPoolExecutor(6) as pool:
         plain = list(pool.map(lambda q: ask(client, q, max_tokens=30), questions))
         steered = list(pool.map(lambda q: ask(client, q, max_tokens=30, persona=steer), questions))
@@ -259,13 +195,13 @@ def test_disconnect_frees_the_row(server) -> None:
 def test_vectors_and_recent(server, client) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     (entry,) = httpx.get(server.url + "/v1/persona/vectors", headers=auth).json()["data"]
-    assert entry["name"] == "pirate" and entry["layer"] == STEER_LAYER and entry["best_coef"] == STEER_COEF
+    assert entry["name"] == "pirate" and entry["layer"] == PIRATE_LAYER and entry["best_coef"] == PIRATE_COEF
     assert entry["threshold_source"] == "class_means" and isinstance(entry["threshold"], float)
     assert entry["hidden_size"] == 576 and entry["auroc"] is None
     ask(client, "Ahoy?", max_tokens=4, persona={"monitor": True, "steer": [{"vector": "pirate", "coef": 1.5}]})
     recent = httpx.get(server.url + "/v1/persona/recent?limit=1", headers=auth).json()
     (last,) = recent["data"]
-    assert last["messages"][-1]["content"] == "Ahoy?" and last["steer"][0]["layer"] == STEER_LAYER
+    assert last["messages"][-1]["content"] == "Ahoy?" and last["steer"][0]["layer"] == PIRATE_LAYER
     assert set(last["monitor"]["pirate"]) == {"prompt", "response", "alert"}
     assert all(any(v["alert"] for v in a["monitor"].values()) for a in recent["alerts"])
 

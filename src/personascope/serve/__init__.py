@@ -7,7 +7,8 @@ Example:
 """
 
 from personascope.serve.app import create_app
+from personascope.serve.background import BackgroundServer
 from personascope.serve.protocol import Limits
 from personascope.serve.registry import Registry, ServedVector, alert_threshold
 
-__all__ = ["Limits", "Registry", "ServedVector", "alert_threshold", "create_app"]
+__all__ = ["BackgroundServer", "Limits", "Registry", "ServedVector", "alert_threshold", "create_app"]

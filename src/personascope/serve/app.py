@@ -24,8 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from personascope.activations import encode
-from personascope.activations import read_activations
+from personascope.activations import encode, read_activations
 from personascope.models import ModelHandle
 from personascope.serve.chat import Plan, check_model, chat_messages, chunk, completion_body, monitor_summary, \
     monitored, plan

@@ -58,7 +58,7 @@ def monitored(names: list[str] | bool, registry: Registry, param: str) -> tuple[
         return ()
     for name in names:
         if name not in registry.vectors:
-            raise APIError(400, str(_unknown(name, registry)), param=param, code="unknown_vector")
+            raise APIError(400, _unknown(name, registry), param=param, code="unknown_vector")
     return tuple(dict.fromkeys(names))
 
 

@@ -73,9 +73,9 @@ class Registry:
         self.vectors = {v.name: v for v in vectors}
         self.names = tuple(self.vectors)
         self.probe: Probe | None = None
-        if vectors:
-            probe = Probe.build(handle, [v.vector for v in vectors], [v.layer for v in vectors])
-            self.probe = dataclasses.replace(probe, names=self.names)
+        if vectors:  # each vector under its registered name, so the probe's columns carry those names
+            named = [dataclasses.replace(v.vector, trait=v.name) for v in vectors]
+            self.probe = Probe.build(handle, named, [v.layer for v in vectors])
 
     @classmethod
     def load(cls, handle: ModelHandle, files: Mapping[str, str | Path],

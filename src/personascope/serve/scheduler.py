@@ -214,7 +214,8 @@ class Scheduler:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._backlog.append(item) if item is not None else None
+            if item is not None:
+                self._backlog.append(item)
         for item in self._backlog:
             if isinstance(item, _Call):
                 item.future.set_exception(RuntimeError("the server is shutting down"))
