@@ -26,13 +26,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personascope.activations import encode, read_activations
 from personascope.models import ModelHandle
-from personascope.serve.chat import Plan, check_model, chat_messages, chunk, completion_body, monitor_summary, \
-    monitored, plan
+from personascope.serve.chat import (
+    Plan,
+    chat_messages,
+    check_model,
+    chunk,
+    completion_body,
+    monitor_summary,
+    monitored,
+    plan,
+)
+from personascope.serve.jobs import Delta, Event, Finished, GenerationJob, Started
 from personascope.serve.metrics import ServeMetrics
 from personascope.serve.protocol import APIError, ChatRequest, Limits, ScoreRequest, error_body
 from personascope.serve.recent import RecentTraffic
 from personascope.serve.registry import Registry
-from personascope.serve.scheduler import Delta, Event, Failed, Finished, GenerationJob, Scheduler, Started
+from personascope.serve.scheduler import Scheduler
 
 log = logging.getLogger("personascope.serve")
 
@@ -126,7 +135,7 @@ def _sse(body: dict[str, Any]) -> str:
 
 
 def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None = None, limits: Limits = Limits(),
-               max_batch: int = 16, batch_wait: float = 0.005, token_budget: int = 16384,
+               max_batch: int = 16, batch_wait: float = 0.01, token_budget: int = 16384,
                runs_dir: Path | None = None, recent_size: int = 200) -> FastAPI:
     """The FastAPI app serving `handle` with the vectors of `registry` (the scheduler runs while the app does).
 

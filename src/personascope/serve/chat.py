@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personascope.serve.decode import RowSampling
+from personascope.serve.jobs import SteerOp
 from personascope.serve.protocol import APIError, ChatRequest, Limits, Message
 from personascope.serve.registry import Registry
-from personascope.serve.scheduler import SteerOp
 
 
 @dataclass

@@ -1,17 +1,15 @@
 """Micro-batching: concurrent requests share one forward pass, each row with its own steering and sampling.
 
-One worker thread owns the model. It takes the requests that have arrived (waiting `batch_wait` seconds after
-the first, up to `max_batch` rows and `token_budget` padded tokens), left-pads them, prefills, then runs its
-own KV-cached decode loop. Steering is a per-row sum of vectors: one `steer` operation per (vector, layer,
-scope) in the batch with a `[B]` coefficient tensor (0 for rows that do not use it); monitoring reads every
-registered vector through one `GenerationTrace`. Rows that finish or whose client went away are dropped from
+One worker thread owns the model. It takes the requests that have arrived (while they keep coming within
+`batch_wait` seconds of each other, up to `max_batch` rows and `token_budget` padded tokens), left-pads them,
+prefills, then runs its own KV-cached decode loop. Steering is a per-row sum of vectors: one `steer` operation
+per (vector, layer, scope) in the batch with a `[B]` coefficient tensor (0 for rows that do not use it);
+monitoring reads every registered vector through one `GenerationTrace`. Rows that finish or whose client went away are dropped from
 the batch (cache, mask and operations are cut to the remaining rows). New requests wait for the running batch
 to end (no continuous batching).
 
-Token readings: the projection of a response token is read at that token's own position (the forward that
-feeds it), so a row's response projection is the mean over its response tokens, as the held-out `response_avg`
-evaluation defines it; a monitored row that stops at `max_tokens` gets one more (batched) step to read its last
-token. The prompt projection is the reading at the last prompt token (the prefill's last column).
+Readings (see `personascope.serve.jobs`): the prompt's at the prefill's last column (the last prompt token
+under left padding), each response token's at the step that feeds it.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,134 +31,14 @@ from personascope.batching import left_pad
 from personascope.generate import _end_ids
 from personascope.hooks import HookHandle, HookManager, steer
 from personascope.monitor import GenerationTrace
-from personascope.serve.decode import RowSampling, TextStream, next_tokens
+from personascope.serve.decode import next_tokens
+from personascope.serve.jobs import Failed, GenerationJob, Row
 from personascope.serve.registry import Registry
 
 log = logging.getLogger("personascope.serve")
 
-
-@dataclass(frozen=True)
-class SteerOp:
-    """Add `coef` × the registered vector `name` at `layer` over `scope`."""
-
-    name: str
-    layer: int
-    scope: str
-    coef: float
-
-
-@dataclass(frozen=True)
-class Started:
-    """The prompt was read: its projection per monitored vector."""
-
-    prompt: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text, and (with `trace`) one projection per token behind it, per monitored vector."""
-
-    text: str
-    tokens: int
-    trace: dict[str, list[float]]
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The row ended (`stop`, `length` or `cancelled`); `response` = mean projection over response tokens."""
-
-    reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    response: dict[str, float | None]
-
-
-@dataclass(frozen=True)
-class Failed:
-    message: str
-
-
-Event = Started | Delta | Finished | Failed
-
-
-@dataclass
-class GenerationJob:
-    """One chat completion to run; `sink` receives its events (from the worker thread)."""
-
-    prompt_ids: list[int]
-    sampling: RowSampling
-    sink: Callable[[Event], None]
-    steer: tuple[SteerOp, ...] = ()
-    monitor: tuple[str, ...] = ()
-    trace: bool = False
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class _Row:
-    """A job's state inside a running batch."""
-
-    def __init__(self, job: GenerationJob, columns: list[int], tokenizer: Any) -> None:
-        self.job = job
-        self.columns = columns
-        self.generator = job.sampling.generator()
-        self.text = TextStream(tokenizer, job.sampling.stop)
-        self.pending: int | None = None  # sampled, not yet fed to the model
-        self.count = 0
-        self.final = False
-        self.readings: list[Tensor] = []
-        self.unsent: list[Tensor] = []
-        self.done: str | None = None
-        self.closed = False
-
-    def start(self, reading: Tensor | None) -> None:
-        names = self.job.monitor
-        prompt = {} if reading is None else {n: float(reading[c]) for n, c in zip(names, self.columns)}
-        self.job.sink(Started(prompt))
-
-    def take(self, token: int, ends: set[int]) -> None:
-        """A sampled token: the end of turn ends the row; `max_tokens` ends it after its last feed."""
-        if token in ends:
-            self.done = "stop"
-            return
-        self.pending, self.count = token, self.count + 1
-        if self.count >= self.job.sampling.max_tokens:
-            if self.columns:
-                self.final = True  # read the last token at the next step, then end
-            else:
-                self.fed(None)
-                self.done = self.done or "length"
-
-    def fed(self, reading: Tensor | None) -> None:
-        """The pending token went through the model (`reading`: its projections): send its text."""
-        assert self.pending is not None
-        if reading is not None:
-            self.readings.append(reading)
-            self.unsent.append(reading)
-        delta = self.text.push(self.pending)
-        self.pending = None
-        if delta or self.text.stopped:
-            self._send(delta)
-        if self.text.stopped:
-            self.done = "stop"
-        elif self.final:
-            self.done = "length"
-
-    def _send(self, text: str) -> None:
-        trace = {}
-        if self.job.trace and self.unsent:
-            trace = {n: [float(r[c]) for r in self.unsent] for n, c in zip(self.job.monitor, self.columns)}
-        self.job.sink(Delta(text, len(self.unsent), trace))
-        self.unsent = []
-
-    def finish(self, reason: str) -> None:
-        self.closed = True
-        rest = self.text.flush()
-        if rest or self.unsent:
-            self._send(rest)
-        response: dict[str, float | None] = {}
-        for name, column in zip(self.job.monitor, self.columns):
-            response[name] = float(torch.stack([r[column] for r in self.readings]).mean()) if self.readings else None
-        self.job.sink(Finished(reason, len(self.job.prompt_ids), self.count, response))
+#: A batch waits for more requests at most this many times `batch_wait` in all.
+GATHER_LIMIT = 10
 
 
 def _cache_of(out: Any) -> Any:
@@ -187,7 +64,7 @@ class Scheduler:
     """
 
     def __init__(self, registry: Registry, *, max_batch: int = 16, token_budget: int = 16384,
-                 batch_wait: float = 0.005, on_batch: Callable[[int, int, float], None] | None = None,
+                 batch_wait: float = 0.01, on_batch: Callable[[int, int, float], None] | None = None,
                  on_row: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.handle = registry.handle
@@ -260,13 +137,16 @@ class Scheduler:
                     return
 
     def _gather(self, first: GenerationJob) -> tuple[list[GenerationJob], bool]:
-        """The jobs that arrive within `batch_wait` of the first, within the batch limits."""
+        """The jobs that keep arriving, each within `batch_wait` of the one before (a burst of clients joins
+        whole), for at most `GATHER_LIMIT` × `batch_wait` in all, within the batch limits."""
         jobs, deferred = [first], []
-        deadline = time.monotonic() + self.batch_wait
+        start = time.monotonic()
         stop = False
         while len(jobs) < self.max_batch:
+            now = time.monotonic()
+            wait = min(self.batch_wait, start + GATHER_LIMIT * self.batch_wait - now)
             try:
-                item = self._next(max(0.0, deadline - time.monotonic()))
+                item = self._next(max(0.0, wait))
             except queue.Empty:
                 break
             if item is None:
@@ -312,7 +192,7 @@ class _Batch:
         self.s = scheduler
         registry = scheduler.registry
         self.handle = scheduler.handle
-        self.rows = [_Row(j, [registry.names.index(n) for n in j.monitor], self.handle.tokenizer) for j in jobs]
+        self.rows = [Row(j, [registry.names.index(n) for n in j.monitor], self.handle.tokenizer) for j in jobs]
         self.manager = HookManager.of(self.handle)
         self.trace = GenerationTrace(self.handle, registry.probe) if any(j.monitor for j in jobs) else None
         self.steering: list[HookHandle] = []
