@@ -34,6 +34,9 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
     handle = handle or load_model(args.model)
     served = ServedVector("bench", random_vector(handle), args.layer, threshold=0.0, threshold_source="override")
     app = create_app(handle, Registry(handle, [served]), max_batch=args.clients)
+    batch_sizes: list[int] = []  # rows of each batch the scheduler ran, to show how the requests were grouped
+    count_batch = app.state.scheduler.on_batch
+    app.state.scheduler.on_batch = lambda rows, tokens, s: (batch_sizes.append(rows), count_batch(rows, tokens, s))
     chats = trait_messages(args.trait, args.clients, system=False)
     persona = {"steer": [{"vector": "bench", "coef": args.coef}], "monitor": True}
     with BackgroundServer(app) as server:
@@ -48,13 +51,21 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
             with ThreadPoolExecutor(args.clients) as pool:
                 return list(pool.map(lambda m: ask(m, extra), chats))
 
+        def grouped(case: Any) -> Any:
+            def run_case() -> tuple[Any, list[int]]:
+                batch_sizes.clear()
+                return case(), list(batch_sizes)
+            return run_case
+
         cases = {
-            "sequential": lambda: [ask(m, None) for m in chats],
-            "concurrent": lambda: concurrent(None),
-            "concurrent_persona": lambda: concurrent({"persona": persona}),
+            "sequential": grouped(lambda: [ask(m, None) for m in chats]),
+            "concurrent": grouped(lambda: concurrent(None)),
+            "concurrent_persona": grouped(lambda: concurrent({"persona": persona})),
         }
         interleave({"concurrent": cases["concurrent"]}, 1, handle.device)  # warm-up
         times, results = interleave(cases, args.repeats, handle.device)
+    batches = {name: sizes for name, (_, sizes) in results.items()}
+    results = {name: answers for name, (answers, _) in results.items()}
     tokens = {name: sum(n for _, n in answers) for name, answers in results.items()}
     speeds = {name: rate(tokens[name], times[name]) for name in cases}
     same = [a for a, _ in results["sequential"]] == [a for a, _ in results["concurrent"]]
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         "repeats": args.repeats,
         "seconds": times,
         "completion_tokens": tokens,
+        "batch_sizes_last_run": batches,
         "tokens_per_s": speeds,
         "concurrency_speedup": speeds["concurrent"] / speeds["sequential"],
         "persona_cost": 1 - speeds["concurrent_persona"] / speeds["concurrent"],
@@ -78,7 +90,8 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
     print_table(
         f"Serving ({handle.name}, {args.clients} requests, up to {args.new_tokens} tokens each, greedy, "
         f"best of {args.repeats})",
-        ["case", "completion tokens", "tokens/s"], [[name, tokens[name], speeds[name]] for name in cases],
+        ["case", "completion tokens", "tokens/s", "batches (last run)"],
+        [[name, tokens[name], speeds[name], " ".join(map(str, batches[name]))] for name in cases],
     )
     console.print(f"concurrent / sequential: {figures['concurrency_speedup']:.2f}×; steering + monitoring cost: "
                   f"{100 * figures['persona_cost']:+.1f}%; batched answers equal sequential: {same}")

@@ -23,3 +23,5 @@ def test_serve_benchmark_reports_throughput_and_persona_cost(embedded, tmp_path)
         saved["tokens_per_s"]["concurrent"] / saved["tokens_per_s"]["sequential"])
     assert saved["completion_tokens"]["sequential"] == saved["completion_tokens"]["concurrent"] > 0
     assert figures["clients"] == 3 and saved["machine"]["date"]
+    assert saved["batch_sizes_last_run"]["sequential"] == [1, 1, 1]
+    assert sum(saved["batch_sizes_last_run"]["concurrent"]) == 3

@@ -44,7 +44,7 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Most tokens one request may generate (also the default).")] = 512,
     max_batch: Annotated[int, typer.Option(help="Most requests batched into one forward pass.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="A batch keeps taking requests while they arrive within "
-                                                      "this many ms of each other (at most 10× in all).")] = 10.0,
+                                                      "this many ms of each other (at most 10× in all).")] = 20.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
     max_messages: Annotated[int, typer.Option(help="Most messages in one request.")] = 64,
     runs: Annotated[Optional[Path], typer.Option(help="A run directory whose report the dashboard links.")] = None,

@@ -135,7 +135,7 @@ def _sse(body: dict[str, Any]) -> str:
 
 
 def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None = None, limits: Limits = Limits(),
-               max_batch: int = 16, batch_wait: float = 0.01, token_budget: int = 16384,
+               max_batch: int = 16, batch_wait: float = 0.02, token_budget: int = 16384,
                runs_dir: Path | None = None, recent_size: int = 200) -> FastAPI:
     """The FastAPI app serving `handle` with the vectors of `registry` (the scheduler runs while the app does).
 

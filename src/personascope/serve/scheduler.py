@@ -64,7 +64,7 @@ class Scheduler:
     """
 
     def __init__(self, registry: Registry, *, max_batch: int = 16, token_budget: int = 16384,
-                 batch_wait: float = 0.01, on_batch: Callable[[int, int, float], None] | None = None,
+                 batch_wait: float = 0.02, on_batch: Callable[[int, int, float], None] | None = None,
                  on_row: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.handle = registry.handle
