@@ -26,6 +26,9 @@ from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.serve import BackgroundServer, Registry, ServedVector, create_app
 
 
+CASES = ("sequential", "concurrent", "concurrent_persona")
+
+
 def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str, Any]:
     """Serve, time the three cases, print a table and return the figures."""
     import openai
@@ -62,13 +65,19 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
             "concurrent": grouped(lambda: concurrent(None)),
             "concurrent_persona": grouped(lambda: concurrent({"persona": persona})),
         }
+        cases = {name: case for name, case in cases.items() if name in args.cases or name == "concurrent"}
         interleave({"concurrent": cases["concurrent"]}, 1, handle.device)  # warm-up
         times, results = interleave(cases, args.repeats, handle.device)
     batches = {name: sizes for name, (_, sizes) in results.items()}
     results = {name: answers for name, (answers, _) in results.items()}
     tokens = {name: sum(n for _, n in answers) for name, answers in results.items()}
     speeds = {name: rate(tokens[name], times[name]) for name in cases}
-    same = [a for a, _ in results["sequential"]] == [a for a, _ in results["concurrent"]]
+    same = None
+    if "sequential" in results:
+        same = [a for a, _ in results["sequential"]] == [a for a, _ in results["concurrent"]]
+    def ratio(a: str, b: str, f: Any) -> float | None:
+        return f(speeds[a], speeds[b]) if a in speeds and b in speeds else None
+
     figures = {
         "benchmark": "serve",
         "machine": machine(handle.device),
@@ -83,8 +92,8 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         "completion_tokens": tokens,
         "batch_sizes_last_run": batches,
         "tokens_per_s": speeds,
-        "concurrency_speedup": speeds["concurrent"] / speeds["sequential"],
-        "persona_cost": 1 - speeds["concurrent_persona"] / speeds["concurrent"],
+        "concurrency_speedup": ratio("concurrent", "sequential", lambda a, b: a / b),
+        "persona_cost": ratio("concurrent_persona", "concurrent", lambda a, b: 1 - a / b),
         "batched_answers_equal_sequential": same,
     }
     print_table(
@@ -93,8 +102,11 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
         ["case", "completion tokens", "tokens/s", "batches (last run)"],
         [[name, tokens[name], speeds[name], " ".join(map(str, batches[name]))] for name in cases],
     )
-    console.print(f"concurrent / sequential: {figures['concurrency_speedup']:.2f}×; steering + monitoring cost: "
-                  f"{100 * figures['persona_cost']:+.1f}%; batched answers equal sequential: {same}")
+    if figures["concurrency_speedup"] is not None:
+        console.print(f"concurrent / sequential: {figures['concurrency_speedup']:.2f}×; batched answers equal "
+                      f"sequential: {same}")
+    if figures["persona_cost"] is not None:
+        console.print(f"steering + monitoring cost: {100 * figures['persona_cost']:+.1f}%")
     save(args.json, figures)
     return figures
 
@@ -108,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=20, help="layer steered and monitored (default 20)")
     p.add_argument("--coef", type=float, default=4.0, help="steering coefficient on a unit vector (default 4)")
     p.add_argument("--trait", default="evil", help="built-in trait whose questions are the prompts")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES,
+                   help="cases to run (default all; 'concurrent' is always among them)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.add_argument("--json", help="write the figures here")
     return p
