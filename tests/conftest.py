@@ -46,3 +46,11 @@ def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
     """Left-pad token rows into input_ids and attention_mask."""
     ids, mask, _ = left_pad(rows, pad)
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def pirate_vector_file(embedded: ModelHandle, tmp_path_factory: pytest.TempPathFactory):
+    """A pirate vector for the embedded model, saved once per session (see tests/pirate.py)."""
+    from tests.pirate import save_pirate_vector
+
+    return save_pirate_vector(embedded, tmp_path_factory.mktemp("pirate-vector") / "pirate.safetensors")

@@ -24,7 +24,7 @@ def _register_commands() -> None:
     """Import the command modules; each adds its commands to `app`."""
     import importlib
 
-    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate"):
+    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate", "serve"):
         importlib.import_module(f"personascope.cli.{name}")
 
 

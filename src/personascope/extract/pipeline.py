@@ -162,7 +162,7 @@ def extract(
     _record_summary(run, summary)
     vectors = _vectors(handle, spec, config, selection, run, progress)
     evaluation = _evaluate(handle, judge, config, run, progress)
-    vector = _recommend(run, evaluation)
+    vector = recommend_vector(run, evaluation)
     report = run / "report.html"
     if not report.exists():
         report = write_report(run)
@@ -292,11 +292,31 @@ def _evaluate(handle: ModelHandle, judge: Judge | None, config: ExtractConfig, r
     return json.loads(path.read_text())  # as a rerun reads it
 
 
-def _recommend(run: Path, evaluation: dict[str, Any]) -> Path:
+def recommend_vector(run: Path, evaluation: dict[str, Any]) -> Path:
+    """Write `DIR/vector.safetensors`: the `response_avg` vector with the chosen layer, coefficient and alert data."""
     path = run / "vector.safetensors"
     if path.exists():
         return path
     vector = PersonaVector.load(run / "vectors" / "response_avg.safetensors")
     vector.metadata.update(best_layer=str(evaluation["best_layer"]), best_coef=f"{evaluation['best_coef']:g}")
+    vector.metadata.update(_alert_metadata(evaluation))
     _clear_after(run, "vector.safetensors")
     return vector.save(path)
+
+
+# -- serving: alert threshold and separation for `personascope serve` --------------------------------------
+
+
+def _alert_metadata(evaluation: dict[str, Any]) -> dict[str, str]:
+    """`alert_threshold`: the midpoint between the mean held-out response projections of trait-positive and
+    trait-negative answers at the best layer; `auroc`: their separation there. Empty when not evaluated."""
+    meta: dict[str, str] = {}
+    projections = evaluation.get("projections") or {}
+    pos, neg = projections.get("pos") or [], projections.get("neg") or []
+    if pos and neg and projections.get("layer") == evaluation["best_layer"]:
+        meta["alert_threshold"] = f"{(sum(pos) / len(pos) + sum(neg) / len(neg)) / 2:.6g}"
+    auroc = next((e.get("auroc") for e in evaluation.get("layers", []) if e.get("layer") == evaluation["best_layer"]),
+                 None)
+    if auroc is not None:
+        meta["auroc"] = f"{auroc:.4f}"
+    return meta

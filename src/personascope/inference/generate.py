@@ -121,7 +121,7 @@ def generate_responses(
     return [results[i] for i in sorted(results)]
 
 
-def _end_ids(handle: ModelHandle) -> set[int]:
+def end_ids(handle: ModelHandle) -> set[int]:
     ids = handle.model.generation_config.eos_token_id
     ends = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if handle.tokenizer.eos_token_id is not None:
@@ -141,7 +141,7 @@ def _generate_batch(
         out = handle.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad, **sampling.generate_kwargs()
         )
-    ends = _end_ids(handle)
+    ends = end_ids(handle)
     decoded = []
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in ends), len(row))

@@ -1,0 +1,80 @@
+"""Per-row decoding pieces: sampling settings, next-token choice for a batch, and incremental text with stops."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One request's decoding: `temperature == 0` is greedy; `seed` None draws a fresh one."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def generator(self) -> torch.Generator | None:
+        if self.temperature <= 0:
+            return None
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+
+
+def next_tokens(logits: Tensor, settings: list[RowSampling], generators: list[torch.Generator | None]) -> list[int]:
+    """The next token of each row of `logits [B, V]`: argmax for greedy rows, temperature/top-p sampling else."""
+    chosen = logits.argmax(-1).tolist()
+    for row, (config, generator) in enumerate(zip(settings, generators)):
+        if generator is None:
+            continue
+        probs = torch.softmax(logits[row].float() / config.temperature, -1)
+        if config.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            keep = ordered.cumsum(-1) - ordered < config.top_p  # the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+        chosen[row] = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return chosen
+
+
+@dataclass
+class TextStream:
+    """Turns a growing token list into text deltas: holds back an incomplete character and any tail that may be
+    the start of a stop string; `stopped` once a stop string appears (the text is cut before it)."""
+
+    tokenizer: Any
+    stops: tuple[str, ...] = ()
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    stopped: bool = False
+
+    def push(self, token: int) -> str:
+        """Add a token; the new text that is safe to send (may be empty)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0:
+                self.stopped = True
+                return self._advance(text[:at])
+        hold = max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
+                   default=0)
+        return self._advance(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (a stop string's possible start that never completed)."""
+        if self.stopped:
+            return ""
+        return self._advance(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
