@@ -38,8 +38,9 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
     served = ServedVector("bench", random_vector(handle), args.layer, threshold=0.0, threshold_source="override")
     app = create_app(handle, Registry(handle, [served]), max_batch=args.clients)
     batch_sizes: list[int] = []  # rows of each batch the scheduler ran, to show how the requests were grouped
-    count_batch = app.state.scheduler.on_batch
-    app.state.scheduler.on_batch = lambda rows, tokens, s: (batch_sizes.append(rows), count_batch(rows, tokens, s))
+    scheduler = app.state.scheduler
+    count_batch = scheduler.on_batch
+    scheduler.on_batch = lambda rows, tokens, s: (batch_sizes.append(rows), count_batch(rows, tokens, s))
     chats = trait_messages(args.trait, args.clients, system=False)
     persona = {"steer": [{"vector": "bench", "coef": args.coef}], "monitor": True}
     with BackgroundServer(app) as server:
@@ -56,8 +57,11 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
 
         def grouped(case: Any) -> Any:
             def run_case() -> tuple[Any, list[int]]:
+                scheduler.call(lambda: None).result()  # a barrier: the batches before this case have ended
                 batch_sizes.clear()
-                return case(), list(batch_sizes)
+                answers = case()
+                scheduler.call(lambda: None).result()  # ... and this case's last batch has been counted
+                return answers, list(batch_sizes)
             return run_case
 
         cases = {
