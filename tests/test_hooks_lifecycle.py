@@ -7,7 +7,6 @@ import copy
 import gc
 import weakref
 
-import pytest
 import torch
 
 import personascope as ps
