@@ -1,5 +1,5 @@
 """The big-model paths on a CPU: loading straight to a device map, the CLI following the vector's model, one
-error line on running out of memory, batch knobs outside a run's identity, shift on an adapter, repeng GGUF."""
+error line on running out of memory, shift on an adapter, repeng GGUF without the last layers."""
 
 from __future__ import annotations
 
@@ -17,15 +17,9 @@ from personascope.inference.activations import encode, read_activations
 from personascope.model import load_model
 from personascope.vector import PersonaVector
 
+from .test_extract import one_error_line
+
 CLI = [sys.executable, "-m", "personascope.cli"]
-
-
-def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 1, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_load_model_loads_straight_to_the_device_or_device_map(tiny_chat, monkeypatch):
