@@ -7,6 +7,7 @@ import copy
 import gc
 import weakref
 
+import pytest
 import torch
 
 import personascope as ps
@@ -22,14 +23,16 @@ def _vector(model, seed=1, scale=3.0):
     return torch.randn(len(decoder_layers(model)) + 1, hidden_size(model)) * scale
 
 
-def test_a_hooked_model_is_freed_once_nothing_else_holds_it():
-    model = _tiny("llama")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU here"))])
+def test_a_hooked_model_is_freed_once_nothing_else_holds_it(device):
+    model = _tiny("llama").to(device)
     ref = weakref.ref(model)
     handle = ps.steer(model, _vector(model), 2, coef=1.0)
     cap = ps.capture(model, [1, 3], "prompt_last")
     PreventativeSteering(_vector(model), layers="2", coef=1.0).attach(model)  # the guard of a fine-tune
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]))
+        model(torch.tensor([[1, 2, 3]], device=device))
     cap.remove()  # one handle removed, the other still hooked: both cases must free the model
     del model, handle, cap
     gc.collect()
