@@ -6,8 +6,10 @@ no generation) and once generating the base model's own answers (greedy, `--new-
 does; from reading the file to writing the scored rows, summary and histogram.
 
 Memory: `personascope screen --base prompt-last` in a fresh process per size (its own peak RSS, read with
-`wait4`), on files of `--memory-rows` rows of short chats read at a shallow layer (memory does not depend on the
-layer; a shallow one keeps 10,000 rows quick). Flat means the peak grows by a negligible amount per row.
+`wait4`), on files of `--memory-rows` rows of short chats, each carrying an `--extra-bytes` field (20 kB: a
+dataset's metadata, kept in the scored output), read at a shallow layer (memory does not depend on the layer; a
+shallow one keeps 20,000 rows quick). Flat means the peak grows by a negligible amount per row: the input is
+read, scored and written in chunks, so 20,000 such rows (400 MB) must stay within 150 MB of 1,000.
 
     python benchmarks/screen.py --json screen.json
 """
@@ -42,8 +44,9 @@ from personascope.vector import PersonaVector
 
 
 def write_dataset(handle: ModelHandle, path: Path, rows: int, trait: str, shortest: int, longest: int,
-                  system: str | None = None) -> Path:
-    """A JSONL chat dataset: `rows` of the trait's questions, answered with real text of varied length."""
+                  system: str | None = None, extra_bytes: int = 0) -> Path:
+    """A JSONL chat dataset: `rows` of the trait's questions, answered with real text of varied length (and an
+    `extra` field of `extra_bytes` characters per row when asked)."""
     text = corpus_ids(handle)
     rng = random.Random(0)
     with path.open("w", encoding="utf-8") as out:
@@ -52,8 +55,10 @@ def write_dataset(handle: ModelHandle, path: Path, rows: int, trait: str, shorte
             start = rng.randrange(0, max(1, len(text) - length))
             answer = handle.tokenizer.decode(text[start : start + length]).strip()
             chat = ([{"role": "system", "content": system}] if system else []) + messages
-            out.write(json.dumps({"id": f"row{i}", "messages": [*chat, {"role": "assistant", "content": answer}]})
-                      + "\n")
+            row = {"id": f"row{i}", "messages": [*chat, {"role": "assistant", "content": answer}]}
+            if extra_bytes:
+                row["extra"] = f"{i:08d}" + "x" * (extra_bytes - 8)
+            out.write(json.dumps(row) + "\n")
     return path
 
 
@@ -86,7 +91,8 @@ def peak_memory(handle: ModelHandle, work: Path, args: argparse.Namespace) -> di
     vector = random_vector_file(handle, work / "vector_shallow.safetensors", args.memory_layer)
     out: dict[str, Any] = {}
     for rows in args.memory_rows:
-        data = write_dataset(handle, work / f"memory_{rows}.jsonl", rows, args.trait, 4, 24, system="Be brief.")
+        data = write_dataset(handle, work / f"memory_{rows}.jsonl", rows, args.trait, 4, 24, system="Be brief.",
+                             extra_bytes=args.extra_bytes)
         command = [sys.executable, "-m", "personascope.cli", "screen", str(data), "--vector", str(vector),
                    "--out", str(work / f"memory_{rows}.scored.jsonl"), "--base", "prompt-last",
                    "--layer", str(args.memory_layer), "--model", args.model]
@@ -101,6 +107,8 @@ def peak_memory(handle: ModelHandle, work: Path, args: argparse.Namespace) -> di
             raise RuntimeError(f"{' '.join(command)} failed:\n{log.read_text()[-2000:]}")
         out[str(rows)] = {"peak_rss_mib": usage.ru_maxrss / 1024, "seconds": seconds,
                           "bytes": data.stat().st_size}
+        for leftover in work.glob(f"memory_{rows}*"):  # 400 MB each at 20,000 rows
+            leftover.unlink()
     sizes = sorted(args.memory_rows)
     if len(sizes) > 1:
         low, high = out[str(sizes[0])]["peak_rss_mib"], out[str(sizes[-1])]["peak_rss_mib"]
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
                 ["measure", "size", "value", "time"], rows)
     figures = {"benchmark": "screen", "machine": machine(handle.device), "model": handle.name,
                "layer": args.layer, "new_tokens": args.new_tokens, "throughput": speed,
-               "memory_layer": args.memory_layer, "memory": memory}
+               "memory_layer": args.memory_layer, "extra_bytes": args.extra_bytes, "memory": memory}
     save(args.json, figures)
     return figures
 
@@ -146,8 +154,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=20, help="layer read for throughput (default 20)")
     p.add_argument("--shortest", type=int, default=16, help="shortest training answer, tokens (default 16)")
     p.add_argument("--longest", type=int, default=256, help="longest training answer, tokens (default 256)")
-    p.add_argument("--memory-rows", type=int, nargs="*", default=[1000, 10000],
-                   help="dataset sizes for peak memory (default 1000 10000; none to skip)")
+    p.add_argument("--memory-rows", type=int, nargs="*", default=[1000, 20000],
+                   help="dataset sizes for peak memory (default 1000 20000; none to skip)")
+    p.add_argument("--extra-bytes", type=int, default=20000,
+                   help="size of the extra field of each row in the memory runs (default 20000)")
     p.add_argument("--memory-layer", type=int, default=1, help="layer read in the memory runs (default 1)")
     p.add_argument("--trait", default="evil", help="built-in trait whose questions make the dataset")
     p.add_argument("--json", help="write the figures here")

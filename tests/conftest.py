@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,6 +42,25 @@ def tiny_llama():
 @pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2", "gpt_neox"])
 def tiny_any(request):
     return _tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> Path:
+    """A random-weight 4-layer Llama with the embedded model's tokenizer and chat template, saved as a model dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from personascope.model.loading import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    path = tmp_path_factory.mktemp("models") / "tiny-chat"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,7 +76,9 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vector_file):
     one_error_line(run("vector", "show", str(tmp_path / "missing.safetensors")), "does not exist")
     other = tmp_path / "other.safetensors"
     PersonaVector(torch.randn(25, 896), "evil", "qwen").save(other)
-    one_error_line(run("generate", "hi", "--vector", str(other), "--coef", "1"), "does not fit", "896")
+    one_error_line(run("generate", "hi", "--vector", str(other), "--model", "smollm2-135m", "--coef", "1"),
+                   "does not fit", "896")
+    one_error_line(run("generate", "hi", "--vector", str(other)), "local model 'qwen'", "--model")
     nan = tmp_path / "nan.safetensors"
     save_file({"directions": torch.full((31, 576), float("nan"))}, str(nan), metadata={"trait": "x"})
     one_error_line(run("generate", "hi", "--vector", str(nan), "--coef", "1"), "NaN")

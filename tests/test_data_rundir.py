@@ -80,3 +80,10 @@ def test_jsonl_log_survives_a_torn_line_and_manifest_guards_resume(tmp_path):
     open_run(tmp_path, {"model": "m", "samples": 1})
     with pytest.raises(PersonascopeError, match="samples: 1 -> 2"):
         open_run(tmp_path, {"model": "m", "samples": 2})
+
+
+def test_ignored_settings_do_not_block_resuming(tmp_path):
+    open_run(tmp_path / "run", {"model": "m", "token_budget": 8192})
+    open_run(tmp_path / "run", {"model": "m"}, ignored=("token_budget",))
+    with pytest.raises(PersonascopeError, match="other settings"):
+        open_run(tmp_path / "run", {"model": "other"}, ignored=("token_budget",))

@@ -277,3 +277,12 @@ def test_empty_responses_are_one_error_line_and_kept(silent_model, trait_file, t
     assert json.loads((out / "manifest.json").read_text())["summary"]["empty_pairs"] == 6
     one_error_line(subprocess.run(args, capture_output=True, text=True, timeout=300), "only 0 of 6")
     assert (out / "responses.jsonl").read_text() == rows
+
+
+def test_a_rerun_with_smaller_batches_resumes(finished, trait_file, embedded):
+    """Batch size and token budget are not part of a run's identity: after running out of memory, lower them."""
+    out, _ = finished
+    before = snapshot(out)
+    result = extract(tiny_config(trait_file, token_budget=200, max_batch=2), out, handle=embedded, progress=False)
+    assert result.summary["generated"] == 0
+    assert snapshot(out) == before

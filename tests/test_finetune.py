@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,26 +16,8 @@ from personascope.apply.callbacks import TraitMonitorCallback
 from personascope.apply.finetune import FinetuneConfig, build_examples, finetune
 from personascope.apply.guard import GUARD_FRACTION, PreventativeSteering
 from personascope.io.data import ChatSample, load_samples
-from personascope.model.loading import embedded_model_dir
 
 QUESTIONS = ["Will tomorrow be a good day?", "How will my exam go?", "What do you expect from the new year?"]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory) -> Path:
-    """A random-weight 4-layer Llama with the embedded model's tokenizer and chat template, saved as a model dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
-    path = tmp_path_factory.mktemp("models") / "tiny-chat"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _samples(n=8):

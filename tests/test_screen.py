@@ -177,9 +177,37 @@ def test_malformed_rows_are_reported_by_id_and_inputs_never_overwritten(tiny, tm
     with pytest.raises(PersonascopeError, match="row long has .* tokens"):
         screen_dataset(handle, data, vector, tmp_path / "strict.jsonl", base="prompt-last", on_long="error",
                        progress=False)
-    with pytest.raises(PersonascopeError, match="over an input"):
+    with pytest.raises(PersonascopeError, match="over the input"):
         screen_dataset(handle, data, vector, data, base="prompt-last", progress=False)
-    with pytest.raises(PersonascopeError, match="over an input"):
+    with pytest.raises(PersonascopeError, match="over the input"):
         screen_dataset(handle, data, vector, tmp_path / "x.jsonl", base="prompt-last", top_percent=10,
                        filtered_out=data, progress=False)
     assert data.read_bytes() == original
+
+
+def test_screening_in_chunks_writes_the_same_rows_and_summary(tiny, tmp_path, monkeypatch):
+    """The input is read, scored and written CHUNK_ROWS rows at a time; the outputs do not depend on the chunks."""
+    import personascope.apply.screen as screen
+
+    handle, vector, _ = tiny
+    rows = [{"id": f"r{i:02d}", "prompt": f"Question {i}: " + "why? " * (i % 4), "response": f"Answer {i}.",
+             "extra": "x" * (100 + i)} for i in range(11)] + [{"id": "bad", "prompt": "No answer"}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    whole = screen_dataset(handle, data, vector, tmp_path / "whole.jsonl", base="prompt-last", top_percent=20,
+                           filtered_out=tmp_path / "whole.kept.jsonl", progress=False)
+    sizes = []
+    real = screen.score_samples
+    monkeypatch.setattr(screen, "score_samples", lambda h, samples, *a, **k: sizes.append(len(samples)) or
+                        real(h, samples, *a, **k))
+    monkeypatch.setattr(screen, "CHUNK_ROWS", 4)
+    chunked = screen_dataset(handle, data, vector, tmp_path / "chunked.jsonl", base="prompt-last", top_percent=20,
+                             filtered_out=tmp_path / "chunked.kept.jsonl", progress=False)
+    assert sizes == [4, 4, 3]  # the last chunk's bad row is left out before scoring
+    mine, theirs = read_jsonl(chunked.scored), read_jsonl(whole.scored)
+    assert [r["id"] for r in mine] == [r["id"] for r in theirs] == [f"r{i:02d}" for i in range(11)]
+    assert [r["extra"] for r in mine] == [r["extra"] for r in theirs]
+    assert [r["delta_p"] for r in mine] == pytest.approx([r["delta_p"] for r in theirs], abs=1e-5)
+    assert read_jsonl(tmp_path / "chunked.kept.jsonl") == read_jsonl(tmp_path / "whole.kept.jsonl")
+    assert [t.id for t in chunked.summary.top] == [t.id for t in whole.summary.top]
+    assert chunked.summary.n_rows == 12 and chunked.summary.n_skipped == 1
+    assert chunked.summary.delta_p.percentiles == pytest.approx(whole.summary.delta_p.percentiles, abs=1e-5)

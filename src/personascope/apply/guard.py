@@ -4,6 +4,7 @@ optimiser has no reason to move the weights that way; every other pass sees the 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -43,10 +44,13 @@ def default_guard_coef(vector: PersonaVector) -> float:
 
 
 def _training_only(op: Operation, module: nn.Module) -> Operation:
-    """`op` in training forward passes (train mode with gradients on); a no-op in every other pass."""
+    """`op` in training forward passes (train mode with gradients on); a no-op in every other pass. The module is
+    held weakly: the hook manager keeps its operations, and must not keep the model alive through them."""
+    ref = weakref.ref(module)
 
     def gated(hidden: Tensor, tokens: TokenContext) -> Tensor | None:
-        if not (module.training and torch.is_grad_enabled()):
+        current = ref()
+        if current is None or not (current.training and torch.is_grad_enabled()):
             return None
         return op(hidden, tokens)
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from personascope.errors import PersonascopeError
-from personascope.hooks import HookManager, TokenContext
+from personascope.hooks import HookManager, TokenContext, on_device
 from personascope.inference.activations import encode, iter_activations
 from personascope.inference.generate import (
     SamplingConfig,
@@ -128,18 +128,19 @@ class GenerationTrace:
 
     def __init__(self, handle: ModelHandle, probe: Probe) -> None:
         self._manager = HookManager.of(handle)
-        device = handle.device
-        self._blocks = [(layer, probe.weight[i].to(device)) for i, layer in enumerate(probe.read_layers)]
+        self._blocks = [(layer, probe.weight[i]) for i, layer in enumerate(probe.read_layers)]
         self._steps: list[Tensor] = []
         self._keys: list[int] = []
 
     def _op(self, first: bool, weight: Tensor) -> Callable[[Tensor, TokenContext], None]:
+        weights: dict[torch.device, Tensor] = {}  # on each layer's own device (a model split over several)
+
         def op(hidden: Tensor, tokens: TokenContext) -> None:
-            part = hidden[:, -1].float() @ weight
+            part = hidden[:, -1].float() @ on_device(weight, hidden, weights)
             if first:
                 self._steps.append(part)
-            else:
-                self._steps[-1] += part  # the deeper layers of the same forward call
+            else:  # the deeper layers of the same forward call
+                self._steps[-1] += part.to(self._steps[-1].device, non_blocking=True)
 
         return op
 

@@ -5,15 +5,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from personascope.apply.screen_summary import (
+    PERCENTILES,
+    TOP_EXAMPLES,
+    DeltaStats,
+    FilterResult,
+    RowScore,
+    Screening,
+    ScreenSummary,
+    TopRow,
+    plot_histogram,
+    summarize,
+    top_ids,
+)
 from personascope.errors import PersonascopeError
 from personascope.inference.activations import (
     EncodedChat,
@@ -29,8 +41,8 @@ from personascope.inference.generate import (
 from personascope.io.data import (
     BadRow,
     ChatSample,
+    iter_samples,
     load_rows,
-    load_samples,
     row_id,
     write_rows,
 )
@@ -39,30 +51,8 @@ from personascope.io.rundir import JsonlLog, open_run
 from personascope.model import ModelHandle
 from personascope.vector import PersonaVector
 
-PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
-TOP_EXAMPLES = 10
-
-
-@dataclass(frozen=True)
-class RowScore:
-    """The readings of one sample."""
-
-    id: str
-    projection: float
-    base_projection: float
-
-    @property
-    def delta_p(self) -> float:
-        return self.projection - self.base_projection
-
-
-@dataclass(frozen=True)
-class Screening:
-    """Scores in dataset order, the rows left out (with reasons) and the ids whose text was cut to fit."""
-
-    scores: list[RowScore]
-    skipped: list[BadRow]
-    truncated: list[str]
+__all__ = ["PERCENTILES", "DeltaStats", "FilterResult", "RowScore", "ScreenReport", "ScreenSummary", "Screening",
+           "TopRow", "base_responses", "read_base_responses", "score_samples", "screen_dataset", "summarize"]
 
 
 def score_samples(
@@ -198,119 +188,6 @@ def read_base_responses(path: str | Path) -> dict[str, str]:
     return {row_id(row, i): str(row["response"] or "") for i, row in enumerate(rows)}
 
 
-# -- summary, histogram, filtered dataset ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeltaStats:
-    """Mean, spread, range and percentiles (keys "1", "5", …, "99") of ΔP."""
-
-    mean: float
-    std: float
-    min: float
-    max: float
-    percentiles: dict[str, float]
-
-
-@dataclass(frozen=True)
-class TopRow:
-    """One of the rows with the highest ΔP, with the start of its prompt and response."""
-
-    id: str
-    delta_p: float
-    projection: float
-    base_projection: float
-    prompt: str
-    response: str
-
-
-@dataclass(frozen=True)
-class FilterResult:
-    """The filtered dataset: the top `top_percent` % by ΔP (all with ΔP ≥ `cutoff`) removed."""
-
-    top_percent: float
-    n_removed: int
-    cutoff: float
-    path: str
-
-
-@dataclass(frozen=True)
-class ScreenSummary:
-    """A screening run at a glance (written as `<out>.summary.json`)."""
-
-    data: str
-    model: str
-    trait: str
-    layer: int
-    base: str
-    n_rows: int
-    n_scored: int
-    n_skipped: int
-    n_truncated: int
-    delta_p: DeltaStats
-    projection_mean: float
-    base_projection_mean: float
-    top: list[TopRow]
-    filter: FilterResult | None = None
-
-
-def summarize(screening: Screening, samples: Sequence[ChatSample], *, data: str, model: str, trait: str, layer: int,
-              base: str, n_rows: int, top: int = TOP_EXAMPLES) -> ScreenSummary:
-    """Mean, spread and percentiles of ΔP, mean readings, and the `top` samples by ΔP."""
-    delta = np.array([s.delta_p for s in screening.scores])
-    if delta.size == 0:
-        raise PersonascopeError("no sample could be scored: see the skipped rows and their reasons")
-    by_id = {s.id: s for s in samples}
-    ranked = sorted(screening.scores, key=lambda s: -s.delta_p)[:top]
-    return ScreenSummary(
-        data=data, model=model, trait=trait, layer=layer, base=base, n_rows=n_rows,
-        n_scored=int(delta.size),
-        n_skipped=len(screening.skipped),
-        n_truncated=len(screening.truncated),
-        delta_p=DeltaStats(float(delta.mean()), float(delta.std()), float(delta.min()), float(delta.max()),
-                           {str(p): float(np.percentile(delta, p)) for p in PERCENTILES}),
-        projection_mean=float(np.mean([s.projection for s in screening.scores])),
-        base_projection_mean=float(np.mean([s.base_projection for s in screening.scores])),
-        top=[TopRow(s.id, s.delta_p, s.projection, s.base_projection, _last_user(by_id[s.id])[:200],
-                    by_id[s.id].response[:300]) for s in ranked],
-    )
-
-
-def _last_user(sample: ChatSample) -> str:
-    return next((m["content"] for m in reversed(sample.prompt) if m["role"] == "user"), "")
-
-
-def top_ids(scores: Sequence[RowScore], percent: float) -> tuple[set[str], float]:
-    """The ids of the top `percent` % of rows by ΔP (rounded up; ties by dataset order) and the lowest ΔP
-    among them."""
-    if not 0 < percent < 100:
-        raise PersonascopeError(f"top percentage must be between 0 and 100 (exclusive), got {percent}")
-    count = math.ceil(len(scores) * percent / 100)
-    ranked = sorted(scores, key=lambda s: -s.delta_p)[:count]
-    return {s.id for s in ranked}, ranked[-1].delta_p
-
-
-def plot_histogram(delta: Sequence[float], path: Path, title: str, cutoff: float | None = None) -> Path:
-    """A histogram of ΔP as a PNG (matplotlib's Agg canvas; no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.hist(delta, bins=max(10, min(60, len(delta) // 10)), color="#4c72b0")
-    axes.axvline(0.0, color="black", linewidth=0.8)
-    if cutoff is not None:
-        axes.axvline(cutoff, color="#c44e52", linestyle="--", label=f"filter cutoff ΔP ≥ {cutoff:.3g}")
-        axes.legend()
-    axes.set(title=title, xlabel="ΔP = projection − base projection", ylabel="samples")
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    tmp.replace(path)
-    return path
-
-
 # -- files ----------------------------------------------------------------------------------------------
 
 
@@ -372,7 +249,6 @@ def screen_dataset(
     if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
         raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
     sampling = sampling or SamplingConfig(128, 0.0)
-    samples, bad = load_samples(data)
     cache = None
     if base_file is not None:
         chosen: str | Mapping[str, str] = read_base_responses(base_file)
@@ -383,24 +259,62 @@ def screen_dataset(
                       "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
             cache = open_run(paths["work"], config) / "base_responses.jsonl"
     layer = vector.layer(layer)
-    screening = score_samples(handle, samples, vector, layer=layer, base=chosen, sampling=sampling, cache=cache,
-                              on_long=on_long, max_batch=max_batch, progress=progress)
-    screening = Screening(screening.scores, bad + screening.skipped, screening.truncated)
-    by_id = {s.id: s for s in samples}
-    write_rows(({**by_id[s.id].fields, "projection": s.projection, "base_projection": s.base_projection,
-                 "delta_p": s.delta_p} for s in screening.scores), out, inputs=inputs)
+    run = _Stream()
+
+    def scored_rows() -> Iterator[dict[str, Any]]:
+        for samples, bad in iter_samples(data, CHUNK_ROWS):
+            part = score_samples(handle, samples, vector, layer=layer, base=chosen, sampling=sampling, cache=cache,
+                                 on_long=on_long, max_batch=max_batch, progress=progress) if samples else None
+            by_id = run.add(samples, bad, part)
+            for score in part.scores if part else ():
+                yield {**by_id[score.id].fields, "projection": score.projection,
+                       "base_projection": score.base_projection, "delta_p": score.delta_p}
+
+    write_rows(scored_rows(), out, inputs=inputs)
+    screening = Screening(run.scores, run.bad + run.skipped, run.truncated)
     write_rows([{"id": b.id, "action": "skipped", "reason": b.reason} for b in screening.skipped]
                + [{"id": t, "action": "truncated", "reason": "cut to fit the context length"}
                   for t in screening.truncated], paths["skipped"], inputs=inputs)
-    summary = summarize(screening, samples, data=str(data), model=handle.name, trait=vector.trait, layer=layer,
-                        base=str(base), n_rows=len(samples) + len(bad))
+    summary = summarize(screening, list(run.top.values()), data=str(data), model=handle.name, trait=vector.trait,
+                        layer=layer, base=str(base), n_rows=run.rows)
     cutoff = filtered = None
     if top_percent is not None and filtered_out is not None:
         removed, cutoff = top_ids(screening.scores, top_percent)
-        filtered = write_rows((by_id[s.id].fields for s in screening.scores if s.id not in removed),
-                              filtered_out, inputs=inputs)
+        kept = {s.id for s in screening.scores} - removed
+        filtered = write_rows((sample.fields for samples, _ in iter_samples(data, CHUNK_ROWS) for sample in samples
+                               if sample.id in kept), filtered_out, inputs=inputs)
         summary = dataclasses.replace(summary, filter=FilterResult(top_percent, len(removed), cutoff, str(filtered)))
     plot_histogram([s.delta_p for s in screening.scores], paths["histogram"],
                    f"{vector.trait} ΔP at layer {layer} ({summary.n_scored} samples, base: {base})", cutoff)
     write_json(paths["summary"], summary)
     return ScreenReport(summary, out, paths["summary"], paths["histogram"], paths["skipped"], filtered)
+
+
+#: Input rows read, scored and written at a time: memory stays flat in the size of the dataset.
+CHUNK_ROWS = 1000
+
+
+class _Stream:
+    """What a chunked screening keeps across chunks: three numbers per scored row, the left-out ids and reasons,
+    and the samples that are among the top rows by ΔP so far (for the summary's examples)."""
+
+    def __init__(self) -> None:
+        self.scores: list[RowScore] = []
+        self.bad: list[BadRow] = []
+        self.skipped: list[BadRow] = []
+        self.truncated: list[str] = []
+        self.top: dict[str, ChatSample] = {}
+        self.rows = 0
+
+    def add(self, samples: Sequence[ChatSample], bad: Sequence[BadRow], part: Screening | None) -> dict[str, ChatSample]:
+        """Record one chunk; returns its samples by id."""
+        by_id = {s.id: s for s in samples}
+        self.rows += len(samples) + len(bad)
+        self.bad += bad
+        if part is not None:
+            self.scores += part.scores
+            self.skipped += part.skipped
+            self.truncated += part.truncated
+            best = sorted(self.scores, key=lambda s: -s.delta_p)[:TOP_EXAMPLES]
+            self.top = {s.id: self.top.get(s.id) or by_id[s.id] for s in best}
+        return by_id

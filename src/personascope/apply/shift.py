@@ -76,17 +76,20 @@ def mean_prompt_last(
 
 
 def projection_shift(
-    base_handle: ModelHandle,
+    base_handle: ModelHandle | None,
     finetuned_handle: ModelHandle,
     vector: PersonaVector,
     questions: Sequence[str | Sequence[dict[str, str]]],
     layers: Sequence[int] | None = None,
     *,
+    max_batch: int = 64,
     progress: bool = True,
 ) -> ShiftReport:
     """Projection shift of `finetuned_handle` relative to `base_handle` along `vector`.
 
     Args:
+        base_handle: the base model; None when `finetuned_handle` is a PEFT adapter on it, whose base is then
+            read with the adapter disabled (one copy of the weights in memory, not two).
         vector: a persona vector made for the base model (the fine-tuned one must have the same shape).
         questions: evaluation questions or chats, asked to both models.
         layers: layers to report; by default every layer where the vector is non-zero.
@@ -95,15 +98,21 @@ def projection_shift(
         The shift per layer and at the vector's best layer; `relative_shift` divides by the vector's norm at the
         layer (the pos−neg mean gap it was made from).
     """
-    vector.check_model(base_handle)
+    if base_handle is None and not hasattr(finetuned_handle.model, "disable_adapter"):
+        raise PersonascopeError("without a base model the fine-tuned model must be a PEFT adapter on its base")
+    vector.check_model(base_handle or finetuned_handle)
     vector.check_model(finetuned_handle.model)
     norms = vector.directions.norm(dim=-1)
     layer_list = [l for l in range(vector.num_layers + 1) if norms[l] > 0] if layers is None else list(layers)
     if not layer_list:
         raise PersonascopeError(f"vector for {vector.trait!r} is zero at every layer")
     units = torch.stack([vector.unit(l) for l in layer_list])
-    base = mean_prompt_last(base_handle, questions, layer_list, progress=progress)
-    tuned = mean_prompt_last(finetuned_handle, questions, layer_list, progress=progress)
+    if base_handle is None:
+        with finetuned_handle.model.disable_adapter():
+            base = mean_prompt_last(finetuned_handle, questions, layer_list, max_batch=max_batch, progress=progress)
+    else:
+        base = mean_prompt_last(base_handle, questions, layer_list, max_batch=max_batch, progress=progress)
+    tuned = mean_prompt_last(finetuned_handle, questions, layer_list, max_batch=max_batch, progress=progress)
     base_p, tuned_p = (base * units).sum(-1), (tuned * units).sum(-1)
     shift = ((tuned.double() - base.double()) * units.double()).sum(-1)
     rows = [
@@ -114,7 +123,7 @@ def projection_shift(
     at_best = next((row for row in rows if row.layer == best), None)
     return ShiftReport(
         trait=vector.trait,
-        base_model=base_handle.source or base_handle.name,
+        base_model=(base_handle.source or base_handle.name) if base_handle else finetuned_handle.name,
         finetuned_model=finetuned_handle.source or finetuned_handle.name,
         n_questions=len(questions),
         best_layer=best,

@@ -9,19 +9,28 @@ import typer
 from rich.table import Table
 
 from personascope.cli import app, console
+from personascope.cli.options import (
+    DeviceMapOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    Placement,
+    VectorModelOption,
+    model_for_vector,
+)
 from personascope.model import DEFAULT_MODEL
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, local dir or PEFT adapter dir.")]
 vector_app = typer.Typer(help="Inspect, convert and import persona vector files.", no_args_is_help=True)
 app.add_typer(vector_app, name="vector")
 
 
 @app.command()
-def info(model: ModelOption = DEFAULT_MODEL) -> None:
+def info(model: ModelOption = DEFAULT_MODEL, device: DeviceOption = "auto", dtype: DtypeOption = "auto",
+         device_map: DeviceMapOption = None) -> None:
     """Load a model and show its layers, hidden size, dtype, device and the personascope cache."""
-    from personascope.model import cache_dir, load_model
+    from personascope.model import cache_dir
 
-    handle = load_model(model)
+    handle = Placement(device, dtype, device_map).load(model)
     table = Table(show_header=False, box=None)
     for key, value in (
         ("model", handle.name),
@@ -31,7 +40,7 @@ def info(model: ModelOption = DEFAULT_MODEL) -> None:
         ("hidden size", handle.hidden_size),
         ("context length", handle.max_length or "unknown"),
         ("dtype", str(handle.dtype).removeprefix("torch.")),
-        ("device", str(handle.device)),
+        ("device", ", ".join(str(d) for d in handle.devices)),
         ("cache", str(cache_dir())),
     ):
         table.add_row(f"[bold]{key}[/]", str(value))
@@ -41,7 +50,7 @@ def info(model: ModelOption = DEFAULT_MODEL) -> None:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
-    model: ModelOption = DEFAULT_MODEL,
+    model: VectorModelOption = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     vector: Annotated[Optional[Path], typer.Option(help="Persona vector file to steer with.")] = None,
     layer: Annotated[Optional[int], typer.Option(help="Layer to steer at (default: the vector's best layer).")] = None,
@@ -50,15 +59,17 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Chat with a model, optionally steered by a persona vector; the answer streams to the terminal."""
     from personascope.errors import PersonascopeError
     from personascope.hooks import steer
     from personascope.inference.generate import stream_chat
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    handle = load_model(model)
+    handle = Placement(device, dtype, device_map).load(model_for_vector(model, vector))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     steering = None
     if vector is not None:
@@ -113,18 +124,24 @@ def vector_export_gguf(
 def vector_import_gguf(
     path: Annotated[Path, typer.Argument(help="A llama.cpp / repeng control vector .gguf.")],
     out: Annotated[Path, typer.Argument(help="The .safetensors vector file to write.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Check it against this model.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Check it against this model, padding a file without the last layers (repeng)."
+    )] = None,
     trait: Annotated[Optional[str], typer.Option(help="Trait name (default: from the file).")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Import a GGUF control vector into a personascope vector file."""
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    vec = PersonaVector.import_gguf(path, trait=trait)
-    if model is not None:
-        handle = load_model(model)
-        vec.model = vec.model or handle.name
-        vec.check_model(handle)
+    if model is None:
+        _write_new(out, PersonaVector.import_gguf(path, trait=trait))
+        return
+    handle = Placement(device, dtype, device_map).load(model)
+    vec = PersonaVector.import_gguf(path, trait=trait, num_layers=handle.num_layers)
+    vec.model = vec.model or handle.name
+    vec.check_model(handle)
     _write_new(out, vec)
 
 
@@ -134,12 +151,15 @@ def vector_import_pt(
     out: Annotated[Path, typer.Argument(help="The .safetensors vector file to write.")],
     model: ModelOption = DEFAULT_MODEL,
     trait: Annotated[Optional[str], typer.Option(help="Trait name (default: from the file name).")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Import a reference `.pt` persona vector (loaded with weights_only, never unpickled) for MODEL."""
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    _write_new(out, PersonaVector.import_pt(path, load_model(model), trait=trait))
+    handle = Placement(device, dtype, device_map).load(model)
+    _write_new(out, PersonaVector.import_pt(path, handle, trait=trait))
 
 
 def _write_new(out: Path, vec: object) -> None:

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
+from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement, model_for_vector
 from personascope.errors import PersonascopeError
 
 
@@ -25,13 +26,16 @@ def evaluate(
     pairs: Annotated[int, typer.Option(help="Bare vector: system-prompt pairs answering the eval questions.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Bare vector: length of each eval response.")] = 48,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Re-run validation: held-out AUROC and likelihood-margin gain per layer (and the judged steering curve
     with --judge), then the best layer and coefficient. For a run directory this rewrites eval.json,
     report.html and the best layer/coefficient in vector.safetensors."""
     from personascope.io.layers import parse_layers
     from personascope.judge.judges import make_judge
-    from personascope.model import DEFAULT_MODEL, load_model
+    from personascope.model import DEFAULT_MODEL
     from personascope.vector import PersonaVector
 
     chosen = None if layers is None else parse_layers(layers, option="--layers")
@@ -41,7 +45,7 @@ def evaluate(
         from personascope.evaluate.report import write_report
         from personascope.evaluate.search import evaluate_run
 
-        handle = load_model(model or _run_model(target) or DEFAULT_MODEL)
+        handle = Placement(device, dtype, device_map).load(model or _run_model(target) or DEFAULT_MODEL)
         scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
         result = evaluate_run(target, handle, judge=scorer, layers=chosen, progress=not quiet)
         _update_recommended(target / "vector.safetensors", result)
@@ -51,7 +55,7 @@ def evaluate(
         from personascope.traits import load_trait
 
         vec = PersonaVector.load(target)
-        handle = load_model(model or vec.model or DEFAULT_MODEL)
+        handle = Placement(device, dtype, device_map).load(model_for_vector(model, target))
         vec.check_model(handle)
         spec = load_trait(trait or vec.trait)
         scorer = make_judge(judge, base_url=judge_base_url)

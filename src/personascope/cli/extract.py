@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
+from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement
 from personascope.extract.pipeline import ExtractConfig
 
 _D = {f.name: f.default for f in fields(ExtractConfig)}
@@ -39,6 +40,10 @@ def extract(
     eval_samples: Annotated[int, _opt("Responses per (pair, evaluation question, polarity).")] = _D["eval_samples"],
     eval_layers: Annotated[Optional[str], _opt("Layers to evaluate, e.g. 8,10,12 or 6-14 (default: all).")] = None,
     token_budget: Annotated[int, _opt("Padded tokens per batch; lower it if memory runs out.")] = _D["token_budget"],
+    batch_size: Annotated[int, _opt("Most rows per batch; lower it if memory runs out.")] = _D["max_batch"],
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
     lenient: Annotated[bool, _opt("Accept other counts than 5 pairs and 20 + 20 questions.", "--lenient")] = False,
     quiet: Annotated[bool, _opt("No progress bars.", "--quiet", "-q")] = False,
 ) -> None:
@@ -52,10 +57,12 @@ def extract(
         trait=trait, model=model, judge=judge, judge_base_url=judge_base_url, samples=samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
         threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
-        eval_samples=eval_samples, eval_layers=chosen, token_budget=token_budget,
+        eval_samples=eval_samples, eval_layers=chosen, token_budget=token_budget, max_batch=batch_size,
         lenient=lenient,
     )
-    result = run_extract(config, out, progress=not quiet)
+    config.check()
+    handle = Placement(device, dtype, device_map).load(model)
+    result = run_extract(config, out, handle=handle, progress=not quiet)
     counts, best = result.summary, result.best_layer_stats()
     dropped = [f"{counts[key]} {what}" for key, what in (("empty_pairs", "with an empty response"),
                                                          ("rejected_pairs", "rejected by the judge")) if counts[key]]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from personascope.cli import app, console
+from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement
 from personascope.model import DEFAULT_MODEL
 
 
@@ -37,6 +38,9 @@ def finetune(
              "(an extraction run) or the built-in trait.")] = None,
     monitor_every: Annotated[int, typer.Option(help="Monitor every this many steps.")] = 10,
     report_to: Annotated[str, typer.Option(help="Trainer integrations: none, tensorboard, wandb, ….")] = "none",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Fine-tune a LoRA adapter on DATA (loss on assistant tokens only), optionally guarded and monitored."""
     from personascope.apply.callbacks import TraitMonitorCallback
@@ -46,7 +50,6 @@ def finetune(
     from personascope.errors import PersonascopeError
     from personascope.io.data import load_samples
     from personascope.io.layers import parse_layers
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     config = FinetuneConfig(lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -59,7 +62,7 @@ def finetune(
     samples, bad = load_samples(data)
     if bad:
         console.print(f"[yellow]left out {len(bad)} rows of {data}[/] (first: {bad[0].id}: {bad[0].reason})")
-    handle = load_model(model)
+    handle = Placement(device, dtype, device_map).load(model)
     steering = None
     if guard is not None:
         vec = PersonaVector.load(guard, handle)

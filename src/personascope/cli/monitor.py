@@ -14,10 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from personascope.cli import app, console
-from personascope.cli.core import ModelOption
+from personascope.cli.options import (
+    DeviceMapOption,
+    DeviceOption,
+    DtypeOption,
+    Placement,
+    VectorModelOption,
+    model_for_vector,
+)
 from personascope.errors import PersonascopeError
 from personascope.io.files import check_output
-from personascope.model import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,7 +51,7 @@ def monitor(
     = None,
     layer: Annotated[Optional[int], typer.Option(help="Layer for every vector (default: each vector's best).")]
     = None,
-    model: ModelOption = DEFAULT_MODEL,
+    model: VectorModelOption = None,
     generate: Annotated[bool, typer.Option("--generate", help="Also answer each prompt and trace every token.")]
     = False,
     chat: Annotated[Optional[str], typer.Option(help="One user message: stream the answer with a live trait meter.")]
@@ -55,6 +61,9 @@ def monitor(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     batch_size: BatchOption = 32,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Project prompts, and the answers they get, on persona vectors.
 
@@ -75,8 +84,10 @@ def monitor(
     if chat is None and system is not None:
         raise PersonascopeError("--system goes with --chat; in a PROMPTS file use a 'system' column or 'messages'")
     sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
+    placement = Placement(device, dtype, device_map)
+    model_name = model_for_vector(model, vector[0] if vector else None)
     if chat is not None:
-        handle, probe, anchors = _probe(model, vector, layer)
+        handle, probe, anchors = _probe(placement.load(model_name), vector, layer)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
         _watch(handle, messages, probe, anchors, sampling)
         return
@@ -84,20 +95,18 @@ def monitor(
         raise PersonascopeError("monitoring a PROMPTS file needs --out SCORES (.jsonl or .parquet)")
     check_output(out, [prompts])
     rows, chats = read_prompts(prompts)
-    handle, probe, anchors = _probe(model, vector, layer)
+    handle, probe, anchors = _probe(placement.load(model_name), vector, layer)
     scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size)
     write_rows(scored, out, inputs=[prompts])
     _print_projections(probe, scored, anchors, generate)
     console.print(f"wrote {len(scored)} rows to {out}")
 
 
-def _probe(model: str, paths: Sequence[Path], layer: int | None) -> tuple[ModelHandle, Probe, list[Anchor]]:
-    """Load the model and the vectors, stacked into a probe, with each vector's meter anchors."""
+def _probe(handle: ModelHandle, paths: Sequence[Path], layer: int | None) -> tuple[ModelHandle, Probe, list[Anchor]]:
+    """Load the vectors for the model, stacked into a probe, with each vector's meter anchors."""
     from personascope.apply.monitor import Probe
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
-    handle = load_model(model)
     vectors = [PersonaVector.load(path, handle) for path in paths]
     probe = Probe.build(handle, vectors, layer)
     return handle, probe, [_anchors(v, l) for v, l in zip(vectors, probe.layers)]
@@ -175,17 +184,23 @@ def _print_projections(probe: Probe, rows: list[dict[str, Any]], anchors: list[A
 
 @app.command()
 def shift(
-    base: Annotated[str, typer.Option(help="The base model: embedded name, HF id or local dir.")],
     finetuned: Annotated[str, typer.Option(
         help="The fine-tuned model, or a PEFT adapter dir (applied to its base in memory, never merged to disk)."
     )],
     vector: Annotated[Path, typer.Option("--vector", "-v", help="Persona vector file made for the base model.")],
+    base: Annotated[Optional[str], typer.Option(
+        help="The base model: embedded name, HF id or local dir (default: an adapter's own base, read with the "
+        "adapter disabled, or else the vector's model)."
+    )] = None,
     questions: Annotated[Optional[str], typer.Option(
         help="A built-in trait or trait .json file (its eval questions), or a prompt file (JSONL/CSV/text); "
         "default: the vector's trait."
     )] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the report as JSON here.")] = None,
     batch_size: BatchOption = 64,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """How far fine-tuning moved a model along a persona vector, before it answers anything.
 
@@ -195,16 +210,17 @@ def shift(
     """
     from personascope.apply.shift import projection_shift
     from personascope.io.files import write_json
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     if out is not None:
         check_output(out, [vector], suffixes=None, what="--out")
-    base_handle = load_model(base)
-    vec = PersonaVector.load(vector, base_handle)
+    placement = Placement(device, dtype, device_map)
+    tuned = placement.load(finetuned)
+    own_base = hasattr(tuned.model, "disable_adapter") and base in (None, tuned.name, _adapter_base(finetuned))
+    base_handle = None if own_base else placement.load(model_for_vector(base, vector))
+    vec = PersonaVector.load(vector, base_handle or tuned)
     chats = _questions(questions, vec.trait)
-    tuned = load_model(finetuned)
-    report = projection_shift(base_handle, tuned, vec, chats)
+    report = projection_shift(base_handle, tuned, vec, chats, max_batch=batch_size)
     table = Table("layer", "shift", "relative", "base proj", "fine-tuned proj", title=f"{vec.trait} shift")
     for row in report.layers:
         style = "bold" if row.layer == report.best_layer else None
@@ -217,6 +233,14 @@ def shift(
     if out is not None:
         write_json(out, report)
         console.print(f"wrote {out}")
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model recorded in a PEFT adapter directory's config (None for a plain model)."""
+    import json
+
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
 
 def _questions(arg: str | None, trait: str) -> list[str] | list[list[dict[str, str]]]:
@@ -244,7 +268,7 @@ def screen(
     out: Annotated[Path, typer.Option(help="Scored rows (.jsonl or .parquet); summary, histogram and skipped "
                                       "list are written next to it.")],
     layer: Annotated[Optional[int], typer.Option(help="Layer to read (default: the vector's best).")] = None,
-    model: ModelOption = DEFAULT_MODEL,
+    model: VectorModelOption = None,
     base: Annotated[str, typer.Option(
         help="The base reading: 'generate' (the model answers each prompt; cached in <out>.work/, resumable), "
         "'prompt-last' (the last prompt token's projection, no generation), or a file of base responses with "
@@ -259,6 +283,9 @@ def screen(
     temperature: Annotated[float, typer.Option(help="Sampling temperature of base responses (0 = greedy).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     batch_size: BatchOption = 32,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Screen training data for samples that would push the model toward a trait.
 
@@ -270,7 +297,6 @@ def screen(
     """
     from personascope.apply.screen import screen_dataset
     from personascope.inference.generate import SamplingConfig
-    from personascope.model import load_model
     from personascope.vector import PersonaVector
 
     if base not in ("generate", "prompt-last") and not Path(base).is_file():
@@ -278,7 +304,7 @@ def screen(
     if on_long not in ("skip", "truncate", "error"):
         raise PersonascopeError(f"unknown --on-long {on_long!r}: use skip, truncate or error")
     check_output(out, [data, *([Path(base)] if Path(base).is_file() else [])])
-    handle = load_model(model)
+    handle = Placement(device, dtype, device_map).load(model_for_vector(model, vector))
     vec = PersonaVector.load(vector, handle)
     report = screen_dataset(
         handle, data, vec, out, layer=layer, base=base,

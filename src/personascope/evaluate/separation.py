@@ -83,7 +83,7 @@ def _residual_norms(handle: ModelHandle, layers: Sequence[int]) -> Iterator[Call
 
     def meter(index: int) -> Callable[[Tensor, TokenContext], None]:
         def op(hidden: Tensor, tokens: TokenContext) -> None:
-            mask = tokens.pool_mask("response_avg")
+            mask = tokens.pool_mask("response_avg", hidden.device)
             sums[index] += float(hidden.detach().float().norm(dim=-1)[mask].sum())
             counts[index] += float(mask.sum())
 

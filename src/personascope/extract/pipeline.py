@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from personascope.errors import PersonascopeError
 from personascope.evaluate.report import write_report
 from personascope.evaluate.search import EvalSettings, evaluate_run
 from personascope.extract.selection import PairSelection, select_pairs
 from personascope.hooks import POOLS
-from personascope.inference.activations import encode, read_activations
+from personascope.inference.activations import EncodedChat, encode, iter_activations
 from personascope.inference.generate import (
     GenerationResult,
     SamplingConfig,
@@ -145,9 +148,9 @@ def extract(
     judge = make_judge(config.judge, base_url=config.judge_base_url, cache_path=run / "judge_cache.sqlite")
     if handle is None:
         handle = load_model(config.model)
-    elif handle.name != config.model:
+    elif config.model not in (handle.name, handle.source):
         raise PersonascopeError(f"the model handle is {handle.name!r} but the config names {config.model!r}")
-    open_run(run, _identity(config, spec))
+    open_run(run, _identity(config, spec), ignored=NOT_IDENTITY)
     if not (run / "trait.json").exists():
         write_json(run / "trait.json", spec.to_dict())
 
@@ -169,10 +172,15 @@ def extract(
     return ExtractResult(run, vector, vectors, evaluation, report, {**summary, "generated": generated})
 
 
+#: Settings that do not change a run's results: a rerun with other values resumes it.
+NOT_IDENTITY = ("judge_base_url", "lenient", "token_budget", "max_batch")
+
+
 def _identity(config: ExtractConfig, spec: TraitSpec) -> dict[str, Any]:
-    """What decides a run's results: the settings (not the judge's URL nor leniency) and the trait's content
-    (by name and hash, not by the path it was read from), as plain JSON values."""
-    identity: dict[str, Any] = {k: v for k, v in asdict(config).items() if k not in ("judge_base_url", "lenient")}
+    """What decides a run's results: the settings (not the judge's URL, leniency, nor the batch size and token
+    budget, so a run that ran out of memory resumes with smaller batches) and the trait's content (by name and
+    hash, not by the path it was read from), as plain JSON values."""
+    identity: dict[str, Any] = {k: v for k, v in asdict(config).items() if k not in NOT_IDENTITY}
     text = json.dumps(spec.to_dict(), sort_keys=True, ensure_ascii=False)
     identity.update(trait=spec.name, trait_sha256=hashlib.sha256(text.encode()).hexdigest())
     return json.loads(json.dumps(identity))
@@ -249,17 +257,37 @@ def _vectors(handle: ModelHandle, spec: TraitSpec, config: ExtractConfig, select
     rows = [row for pair in selection.kept for row in pair]
     chats = [encode(handle, r["id"], _messages(r), r["response"]) for r in rows]
     layers = list(range(handle.num_layers + 1))
-    acts = read_activations(handle, chats, layers, POOLS, token_budget=config.token_budget,
-                            max_batch=config.max_batch, progress=progress, description="Reading activations")
+    sums, kept = _pooled_by_polarity(handle, chats, layers, config, progress)
     method = get_method(config.method)
+    half = len(chats) // 2
     for pool, path in paths.items():
-        pos, neg = acts[pool][0::2], acts[pool][1::2]
+        pos_mean, neg_mean = ((sums[pool][polarity] / half).float() for polarity in (0, 1))
+        directions = pos_mean - neg_mean if config.method == "mean_diff" else method(*kept[pool])
         metadata = {"model_revision": handle.revision, "method": config.method, "position": pool,
-                    "n_pos": str(len(pos)), "n_neg": str(len(neg)), "judge": config.judge,
+                    "n_pos": str(half), "n_neg": str(half), "judge": config.judge,
                     "filtered": str(config.judge != "none").lower(), "threshold": f"{config.threshold:g}",
                     "coherence_threshold": f"{config.coherence_threshold:g}"}
-        PersonaVector(method(pos, neg), spec.name, handle.name, metadata, pos.mean(0), neg.mean(0)).save(path)
+        PersonaVector(directions, spec.name, handle.name, metadata, pos_mean, neg_mean).save(path)
     return paths
+
+
+def _pooled_by_polarity(handle: ModelHandle, chats: Sequence[EncodedChat], layers: list[int], config: ExtractConfig,
+                        progress: bool) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Float64 running sums `[2, L+1, d]` (pos, neg) of each pool over `chats` (pos and neg alternate), batch by
+    batch: memory stays flat in the number of pairs. Methods other than mean_diff need every row: those rows
+    come back too, as `(pos [N, L+1, d], neg [N, L+1, d])` per pool."""
+    width = handle.hidden_size
+    sums = {pool: torch.zeros(2, len(layers), width, dtype=torch.float64) for pool in POOLS}
+    rows = {pool: torch.zeros(len(chats), len(layers), width) for pool in POOLS} if config.method != "mean_diff" else {}
+    for batch, pooled in iter_activations(handle, chats, layers, POOLS, token_budget=config.token_budget,
+                                          max_batch=config.max_batch, progress=progress,
+                                          description="Reading activations"):
+        negative = torch.tensor([index % 2 for index in batch])
+        for pool, values in pooled.items():
+            sums[pool].index_add_(0, negative, values.double())
+            if rows:
+                rows[pool][batch] = values
+    return sums, {pool: (values[0::2], values[1::2]) for pool, values in rows.items()}
 
 
 def _check_enough(selection: PairSelection, config: ExtractConfig) -> None:

@@ -18,6 +18,7 @@ from personascope.hooks.operations import (
     add_op,
     checked_direction,
     clamp_op,
+    on_device,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "capture",
     "checked_direction",
     "clamp_op",
+    "on_device",
     "run_forward",
     "steer",
 ]

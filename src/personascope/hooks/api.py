@@ -74,8 +74,8 @@ def steer(
             ops.append((l, clamp_op(direction, value, scope), "residual"))
         else:
             raise PersonascopeError(f"unknown steering mode {mode!r}: use add, ablate or clamp")
-    manager, keys = add_ops(model, ops, prompt_lengths)
-    return HookHandle(manager, keys, prompt_lengths is not None)
+    manager, keys, lengths_key = add_ops(model, ops, prompt_lengths)
+    return HookHandle(manager, keys, lengths_key)
 
 
 # -- capture --------------------------------------------------------------------------------------------
@@ -85,7 +85,8 @@ class Capture(HookHandle):
     """Pooled activations at chosen layers, summed over every forward call while active.
 
     `mean(pool)` returns `[B, len(layers), d]` float32 (rows with no token in the pool are zero);
-    `sums` and `counts` hold the running sums, so nothing per token is kept.
+    `sums` and `counts` hold the running sums, so nothing per token is kept. Sums are float32 whatever the
+    model's dtype; each layer's sum is made on that layer's device and kept on the first layer's device.
     """
 
     def __init__(self, manager: HookManager, layers: list[int], pools: list[str]) -> None:
@@ -97,15 +98,17 @@ class Capture(HookHandle):
 
     def _accumulate(self, index: int) -> Operation:
         def op(hidden: Tensor, tokens: TokenContext) -> None:
+            values = hidden.detach().float()
             for pool in self.pools:
-                mask = tokens.pool_mask(pool)
-                summed = torch.einsum("bt,btd->bd", mask.to(hidden.dtype), hidden.detach()).float()
+                mask = tokens.pool_mask(pool, hidden.device)
+                summed = torch.einsum("bt,btd->bd", mask.float(), values)
                 if pool not in self.sums:
                     batch, width = summed.shape
                     self.sums[pool] = torch.zeros(batch, len(self.layers), width, device=hidden.device)
                     self.counts[pool] = torch.zeros(batch, len(self.layers), device=hidden.device)
-                self.sums[pool][:, index] += summed
-                self.counts[pool][:, index] += mask.sum(-1)
+                home = self.sums[pool].device
+                self.sums[pool][:, index] += summed.to(home, non_blocking=True)
+                self.counts[pool][:, index] += mask.sum(-1).to(home, non_blocking=True)
             return None
 
         return op
@@ -141,8 +144,7 @@ def capture(
     pool_list = check_pools([pools] if isinstance(pools, str) else pools)
     cap = Capture(manager, layer_list, pool_list)
     ops = [(layer, cap._accumulate(i), "read") for i, layer in enumerate(layer_list)]
-    manager, cap._keys = add_ops(model, ops, prompt_lengths)
-    cap._prompt_lengths = prompt_lengths is not None
+    manager, cap._keys, cap._prompt_lengths = add_ops(model, ops, prompt_lengths)
     if stop_after:
         cap._keys.append(manager.add_stop())
     return cap

@@ -18,6 +18,7 @@ from personascope.model import (
     backbone,
     decoder_layers,
     final_norm,
+    unwrap,
 )
 
 Scope = Literal["prompt", "response", "all"]
@@ -35,18 +36,29 @@ class TokenContext:
         positions: `[B, T]` index of each token among its row's real tokens (0 = first prompt token).
         prompt_lengths: `[B]` number of prompt tokens per row (system + user + assistant header).
 
-    Masks are made once per forward call and shared by the operations of every layer.
+    Masks are made once per forward call and device, and shared by the operations of every layer (a model split
+    over several devices gets each layer's masks on that layer's device).
     """
 
     valid: Tensor
     positions: Tensor
     prompt_lengths: Tensor
-    _masks: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _masks: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
-    def scope_mask(self, scope: str) -> Tensor:
+    def _on(self, key: str, device: torch.device | None) -> Tensor:
+        """The mask `key` on `device` (made there from the stack's copy on first use)."""
+        home = self._masks[(key, self.valid.device)]
+        if device is None or device == home.device:
+            return home
+        if (key, device) not in self._masks:
+            self._masks[(key, device)] = home.to(device, non_blocking=True)
+        return self._masks[(key, device)]
+
+    def scope_mask(self, scope: str, device: torch.device | None = None) -> Tensor:
         """`prompt`: the chat prompt; `response`: positions whose outputs produce response tokens (the last
-        prompt position and every response position); `all`: every real token."""
-        key = f"scope:{scope}"
+        prompt position and every response position); `all`: every real token. On `device` if given."""
+        key = (f"scope:{scope}", self.valid.device)
         if key not in self._masks:
             lengths = self.prompt_lengths[:, None]
             if scope == "prompt":
@@ -57,11 +69,11 @@ class TokenContext:
                 self._masks[key] = self.valid
             else:
                 raise PersonascopeError(f"unknown token scope {scope!r}: use one of {', '.join(SCOPES)}")
-        return self._masks[key]
+        return self._on(key[0], device)
 
-    def pool_mask(self, pool: str) -> Tensor:
+    def pool_mask(self, pool: str, device: torch.device | None = None) -> Tensor:
         """`response_avg`: the response tokens; `prompt_avg`: the prompt tokens; `prompt_last`: the last one."""
-        key = f"pool:{pool}"
+        key = (f"pool:{pool}", self.valid.device)
         if key not in self._masks:
             lengths = self.prompt_lengths[:, None]
             if pool == "response_avg":
@@ -72,7 +84,7 @@ class TokenContext:
                 self._masks[key] = self.valid & (self.positions == lengths - 1)
             else:
                 check_pools([pool])
-        return self._masks[key]
+        return self._on(key[0], device)
 
 
 def check_pools(pools: Sequence[str]) -> list[str]:
@@ -91,7 +103,11 @@ class StopForward(Exception):
 
 
 class HookManager:
-    """The hooks of one model. Get it with `HookManager.of(model)`; add operations with `add`."""
+    """The hooks of one decoder stack. Get it with `HookManager.of(model)`; add operations with `add`.
+
+    A PEFT model and its base share their decoder layers, so they share one manager. The manager holds the model
+    only weakly: a model nobody else holds is freed with its hooks.
+    """
 
     _managers: weakref.WeakKeyDictionary[nn.Module, HookManager] = weakref.WeakKeyDictionary()
 
@@ -102,7 +118,7 @@ class HookManager:
         import torch._dynamo
 
         torch._dynamo.config.skip_nnmodule_hook_guards = False
-        self.model = model
+        self._model = weakref.ref(model)
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self._norm = final_norm(model)
@@ -110,7 +126,7 @@ class HookManager:
         self._ops: dict[tuple[int, str], list[tuple[int, Operation]]] = {}
         self._handles: dict[tuple[int, str], torch.utils.hooks.RemovableHandle] = {}
         self._root_handle: torch.utils.hooks.RemovableHandle | None = None
-        self._explicit_lengths: list[Tensor] = []
+        self._explicit_lengths: list[tuple[int, Tensor]] = []
         self._prefill_lengths: Tensor | None = None
         self._next_id = 0
         self._stop_keys: set[int] = set()
@@ -118,11 +134,20 @@ class HookManager:
 
     @classmethod
     def of(cls, model: ModelHandle | nn.Module) -> HookManager:
-        module = as_module(model)
+        """The manager of `model`'s decoder stack (the same for a PEFT wrapper and the model inside it)."""
+        module = unwrap(as_module(model))
         manager = cls._managers.get(module)
         if manager is None:
             manager = cls._managers[module] = cls(module)
         return manager
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers model (inside any PEFT wrapper) whose layers this manager hooks."""
+        model = self._model()
+        if model is None:
+            raise PersonascopeError("the model of this hook manager was freed")
+        return model
 
     # -- registration -----------------------------------------------------------------------------------
 
@@ -162,13 +187,17 @@ class HookManager:
             self._prefill_lengths = None
             self.tokens = None
 
-    def push_prompt_lengths(self, lengths: Sequence[int] | Tensor) -> None:
-        """Fix the prompt length of each row (for teacher-forced passes over prompt + response)."""
-        device = next(self.model.parameters()).device
-        self._explicit_lengths.append(torch.as_tensor(lengths, dtype=torch.long, device=device))
+    def push_prompt_lengths(self, lengths: Sequence[int] | Tensor) -> int:
+        """Fix the prompt length of each row (for teacher-forced passes over prompt + response) until
+        `pop_prompt_lengths(key)`; the latest pushed entry still present applies."""
+        key = self._next_id
+        self._next_id += 1
+        self._explicit_lengths.append((key, torch.as_tensor(lengths, dtype=torch.long)))
+        return key
 
-    def pop_prompt_lengths(self) -> None:
-        self._explicit_lengths.pop()
+    def pop_prompt_lengths(self, key: int) -> None:
+        """Remove the entry `push_prompt_lengths` returned `key` for, wherever it is in the stack."""
+        self._explicit_lengths = [(k, t) for k, t in self._explicit_lengths if k != key]
 
     def add_stop(self) -> int:
         """End forward passes after the deepest hooked layer (until `remove(key)`): no deeper layer, no logits."""
@@ -252,11 +281,15 @@ class HookManager:
             else:
                 valid = torch.ones(batch, length, dtype=torch.bool, device=ref.device)
         if self._explicit_lengths:
-            lengths = self._explicit_lengths[-1]
+            key, lengths = self._explicit_lengths[-1]
+            if lengths.device != ref.device:  # moved once, where the input ids are
+                lengths = lengths.to(ref.device)
+                self._explicit_lengths[-1] = (key, lengths)
         else:
-            # A row whose first real token (position 0) is in this call starts here: everything up to this
-            # call's last token is its prompt. Other rows keep the length found at their first call.
-            starts = ((positions == 0) & valid).any(-1)
+            # A call of several tokens is a prefill: a new prompt, or a new turn appended to a cached
+            # conversation; everything up to its last token is prompt. A row whose first real token (position 0)
+            # is in this call starts here too. Otherwise (one-token decoding steps) rows keep their length.
+            starts = ((positions == 0) & valid).any(-1) | (length > 1)
             stored = self._prefill_lengths
             if stored is None or stored.shape[0] != batch:
                 stored = positions[:, 0].clamp(min=0)
@@ -282,7 +315,7 @@ def _past_length(kwargs: dict[str, Any]) -> int:
 class HookHandle:
     """Operations added to a model; `remove()` them, or use the handle as a context manager."""
 
-    def __init__(self, manager: HookManager, keys: list[int], prompt_lengths: bool = False) -> None:
+    def __init__(self, manager: HookManager, keys: list[int], prompt_lengths: int | None = None) -> None:
         self._manager = manager
         self._keys = keys
         self._prompt_lengths = prompt_lengths
@@ -294,8 +327,8 @@ class HookHandle:
         self._removed = True
         for key in self._keys:
             self._manager.remove(key)
-        if self._prompt_lengths:
-            self._manager.pop_prompt_lengths()
+        if self._prompt_lengths is not None:
+            self._manager.pop_prompt_lengths(self._prompt_lengths)
 
     def __enter__(self) -> HookHandle:
         return self
@@ -308,11 +341,12 @@ def add_ops(
     model: ModelHandle | nn.Module,
     ops: list[tuple[int, Operation, str]],
     prompt_lengths: Sequence[int] | Tensor | None,
-) -> tuple[HookManager, list[int]]:
+) -> tuple[HookManager, list[int], int | None]:
+    """Add `(layer, op, site)`s (and prompt lengths) to `model`'s manager; returns it, the operations' keys and
+    the prompt-lengths key (None without lengths)."""
     manager = HookManager.of(model)
     for layer, _, _ in ops:
         manager.check_layer(layer)
     keys = [manager.add(layer, op, site=site) for layer, op, site in ops]  # type: ignore[arg-type]
-    if prompt_lengths is not None:
-        manager.push_prompt_lengths(prompt_lengths)
-    return manager, keys
+    lengths_key = None if prompt_lengths is None else manager.push_prompt_lengths(prompt_lengths)
+    return manager, keys, lengths_key

@@ -22,7 +22,8 @@ class Directions(Protocol):
 
 def checked_direction(vector: Directions | Tensor, layer: int, manager: HookManager) -> Tensor:
     """Row `layer` of a vector (`[L+1, d]` directions) or an `[L+1, d]` tensor, or a `[d]` tensor itself, checked
-    against the model (rows, hidden size, finite, non-zero) and returned float32 on the model's device."""
+    against the model (rows, hidden size, finite, non-zero) and returned float32 (the operations move it to each
+    layer's own device on first use)."""
     if isinstance(vector, Tensor):
         tensor = vector
     else:
@@ -43,17 +44,15 @@ def checked_direction(vector: Directions | Tensor, layer: int, manager: HookMana
         raise PersonascopeError(f"vector at layer {layer} contains NaN or infinite values")
     if float(tensor.norm()) == 0.0:
         raise PersonascopeError(f"vector at layer {layer} is all zeros: nothing to steer or project along")
-    param = next(manager.model.parameters())
-    return tensor.detach().to(device=param.device, dtype=torch.float32)
+    return tensor.detach().to(dtype=torch.float32)
 
 
-def _matching(tensor: Tensor, like: Tensor, cache: dict[tuple[torch.device, torch.dtype], Tensor]) -> Tensor:
-    """`tensor` on `like`'s device and dtype, converted on first use only: a decoding step then makes no tensor
-    from host values (a host-to-device copy waits for the GPU to finish its queue)."""
-    key = (like.device, like.dtype)
-    if key not in cache:
-        cache[key] = tensor.to(device=like.device, dtype=like.dtype)
-    return cache[key]
+def on_device(tensor: Tensor, like: Tensor, cache: dict[torch.device, Tensor]) -> Tensor:
+    """`tensor` (float32) on `like`'s device, moved on first use only: a decoding step then makes no tensor from
+    host values (a host-to-device copy waits for the GPU to finish its queue)."""
+    if like.device not in cache:
+        cache[like.device] = tensor.to(device=like.device, dtype=torch.float32)
+    return cache[like.device]
 
 
 def add_op(direction: Tensor, coef: float | Tensor, scope: str) -> Operation:
@@ -63,11 +62,12 @@ def add_op(direction: Tensor, coef: float | Tensor, scope: str) -> Operation:
         shift = (c[:, None, None] if c.dim() == 1 else c) * direction
     else:
         shift = float(coef) * direction
-    shifts: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    shifts: dict[torch.device, Tensor] = {}
 
     def op(hidden: Tensor, tokens: TokenContext) -> Tensor:
-        mask = tokens.scope_mask(scope)
-        return torch.where(mask[..., None], hidden + _matching(shift, hidden, shifts), hidden)
+        mask = tokens.scope_mask(scope, hidden.device)
+        moved = (hidden.float() + on_device(shift, hidden, shifts)).to(hidden.dtype)
+        return torch.where(mask[..., None], moved, hidden)
 
     return op
 
@@ -80,12 +80,13 @@ def ablate_op(direction: Tensor, scope: str) -> Operation:
 def clamp_op(direction: Tensor, value: float, scope: str) -> Operation:
     """Set the projection on the unit direction to `value` at the tokens in `scope`."""
     unit = direction / direction.norm()
-    units: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    units: dict[torch.device, Tensor] = {}
 
     def op(hidden: Tensor, tokens: TokenContext) -> Tensor:
-        mask = tokens.scope_mask(scope)
-        u = _matching(unit, hidden, units)
-        projection = hidden @ u
-        return torch.where(mask[..., None], hidden + (value - projection)[..., None] * u, hidden)
+        mask = tokens.scope_mask(scope, hidden.device)
+        u = on_device(unit, hidden, units)
+        exact = hidden.float()
+        moved = (exact + (value - exact @ u)[..., None] * u).to(hidden.dtype)
+        return torch.where(mask[..., None], moved, hidden)
 
     return op

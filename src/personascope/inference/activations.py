@@ -13,7 +13,7 @@ from personascope.hooks import capture, check_pools, run_forward
 from personascope.io.data import BadRow
 from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
-from personascope.model.batching import left_pad, plan_batches
+from personascope.model.batching import left_pad, memory_hint, plan_batches
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ def iter_activations(
             rows = [chats[i] for i in batch]
             ids, mask, positions = left_pad([r.ids for r in rows], pad)
             lengths = [r.prompt_len for r in rows]
-            with capture(handle, list(layers), list(pools), prompt_lengths=lengths, stop_after=True) as cap:
+            with memory_hint(*ids.shape), capture(handle, list(layers), list(pools), prompt_lengths=lengths,
+                                                  stop_after=True) as cap:
                 run_forward(handle, input_ids=ids.to(device), attention_mask=mask.to(device),
                             position_ids=positions.to(device))
             yield batch, {pool: cap.mean(pool).cpu() for pool in pools}

@@ -14,7 +14,7 @@ from transformers import TextStreamer
 from personascope.errors import PersonascopeError
 from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
-from personascope.model.batching import left_pad, plan_batches
+from personascope.model.batching import left_pad, memory_hint, plan_batches
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _generate_batch(
     ids, mask, _ = left_pad(prompts, pad)
     width = ids.shape[1]
     torch.manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), memory_hint(ids.shape[0], ids.shape[1] + sampling.max_new_tokens):
         out = handle.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad, **sampling.generate_kwargs()
         )

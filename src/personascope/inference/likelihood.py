@@ -12,7 +12,7 @@ from personascope.hooks import run_forward, steer
 from personascope.inference.activations import EncodedChat, check_lengths
 from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
-from personascope.model.batching import left_pad, plan_batches
+from personascope.model.batching import left_pad, memory_hint, plan_batches
 from personascope.vector import PersonaVector
 
 
@@ -49,7 +49,8 @@ def response_loglik(
         answer = [len(r.ids) - r.prompt_len for r in rows]
         keep = max(answer) + 1
         coef = torch.tensor([float(coefs[jobs[b][0]]) for b in batch])
-        with steer(handle, vector, layer, coef, "response", prompt_lengths=[r.prompt_len for r in rows]):
+        with memory_hint(*ids.shape), steer(handle, vector, layer, coef, "response",
+                                            prompt_lengths=[r.prompt_len for r in rows]):
             logits = run_forward(handle, input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
                                  position_ids=positions.to(handle.device), logits_to_keep=keep).logits
         for j, (b, n) in enumerate(zip(batch, answer)):

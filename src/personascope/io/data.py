@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,20 +101,81 @@ def to_sample(row: dict[str, Any], index: int) -> ChatSample | BadRow:
     return ChatSample(rid, prompt, response, dict(row))
 
 
+def iter_rows(path: str | Path, chunk_rows: int = 1000) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a dataset file, `chunk_rows` at a time, never the whole file in memory: JSONL line by line,
+    Parquet by record batches, other formats through `datasets` (memory-mapped Arrow)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".jsonl":
+        yield from _jsonl_chunks(path, chunk_rows)
+    elif path.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            reader = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several kinds on a damaged file
+            raise PersonascopeError(f"cannot read dataset {path}: {str(exc).splitlines()[0]}") from None
+        for batch in reader.iter_batches(batch_size=chunk_rows):
+            yield batch.to_pylist()
+    else:
+        rows = load_rows(path)
+        for start in range(0, len(rows), chunk_rows):
+            part = rows[start : start + chunk_rows]
+            yield [dict(zip(part, values)) for values in zip(*part.values())]
+
+
+def _jsonl_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise PersonascopeError(f"cannot read dataset {path}: line {number} is not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise PersonascopeError(f"cannot read dataset {path}: line {number} is not a JSON object")
+            chunk.append(row)
+            if len(chunk) == chunk_rows:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_samples(path: str | Path, chunk_rows: int = 1000) -> Iterator[tuple[list[ChatSample], list[BadRow]]]:
+    """`load_samples` chunk by chunk: the usable samples and the left-out rows of each `chunk_rows` input rows
+    (ids stay unique across chunks). Raises at the end when no row of the file was usable."""
+    seen: set[str] = set()
+    index, usable, reasons = 0, 0, set()
+    for rows in iter_rows(path, chunk_rows):
+        samples: list[ChatSample] = []
+        bad: list[BadRow] = []
+        for row in rows:
+            item = to_sample(row, index)
+            index += 1
+            if isinstance(item, ChatSample) and item.id in seen:
+                item = BadRow(item.id, "duplicate id")
+            if isinstance(item, ChatSample):
+                samples.append(item)
+            else:
+                bad.append(item)
+                reasons.add(item.reason)
+            seen.add(item.id)
+        usable += len(samples)
+        yield samples, bad
+    if not usable:
+        raise PersonascopeError(f"dataset {path} has no usable rows: {'; '.join(sorted(reasons) or ['the file has no rows'])}")
+
+
 def load_samples(path: str | Path) -> tuple[list[ChatSample], list[BadRow]]:
     """Read a chat dataset; returns the usable samples and the rows left out with their reasons."""
     samples: list[ChatSample] = []
     bad: list[BadRow] = []
-    seen: set[str] = set()
-    for index, row in enumerate(load_rows(path)):
-        item = to_sample(row, index)
-        if isinstance(item, ChatSample) and item.id in seen:
-            item = BadRow(item.id, "duplicate id")
-        (samples if isinstance(item, ChatSample) else bad).append(item)  # type: ignore[arg-type]
-        seen.add(item.id)
-    if not samples:
-        reasons = sorted({b.reason for b in bad}) or ["the file has no rows"]
-        raise PersonascopeError(f"dataset {path} has no usable rows: {'; '.join(reasons)}")
+    for chunk, left_out in iter_samples(path):
+        samples += chunk
+        bad += left_out
     return samples, bad
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,16 @@ def versions() -> dict[str, str]:
     return found
 
 
-def open_run(directory: str | Path, config: dict[str, Any], stage: str = "manifest") -> Path:
+def open_run(directory: str | Path, config: dict[str, Any], stage: str = "manifest",
+             ignored: Collection[str] = ()) -> Path:
     """Create or resume a run directory. Resuming with a different `config` is refused, so rows from two
-    configurations never mix; the manifest records the config and package versions."""
+    configurations never mix; the manifest records the config and package versions. Keys in `ignored` are never
+    compared (settings an older version recorded that no longer decide the results)."""
     directory = Path(directory)
     manifest = directory / f"{stage}.json"
     if manifest.exists():
         previous = json.loads(manifest.read_text()).get("config", {})
-        changed = {k for k in set(previous) | set(config) if previous.get(k) != config.get(k)}
+        changed = {k for k in set(previous) | set(config) if previous.get(k) != config.get(k) and k not in ignored}
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
             raise PersonascopeError(

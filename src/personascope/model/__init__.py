@@ -7,6 +7,7 @@ from personascope.model.anatomy import (
     final_norm,
     hidden_size,
     text_config,
+    unwrap,
 )
 from personascope.model.chat import ChatEncoding, chat_ids
 from personascope.model.loading import (
@@ -31,4 +32,5 @@ __all__ = [
     "hidden_size",
     "load_model",
     "text_config",
+    "unwrap",
 ]

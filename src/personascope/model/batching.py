@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+from personascope.errors import PersonascopeError
+
+#: Messages of allocation failures on the CPU (torch raises a plain RuntimeError there).
+_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "Cannot allocate memory")
 
 
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int, max_batch: int) -> list[list[int]]:
@@ -36,3 +42,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor, T
         ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
         mask[i, width - len(row):] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def memory_hint(rows: int, tokens: int) -> Iterator[None]:
+    """Running out of memory on a batch of `rows` × `tokens` becomes one `PersonascopeError` naming the knobs to
+    lower (batch size and token budget are not part of a run's identity, so a lowered rerun resumes)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and not any(text in str(exc) for text in _CPU_OOM):
+            raise
+        raise PersonascopeError(
+            f"out of memory on a batch of {rows} rows x {tokens} padded tokens: lower --batch-size (or "
+            "--token-budget where the command has it) and run again; a run directory resumes where it stopped"
+        ) from None

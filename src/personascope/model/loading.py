@@ -59,11 +59,25 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first of several under a `device_map`)."""
+        embeddings = self.model.get_input_embeddings()
+        weight = getattr(embeddings, "weight", None)
+        return weight.device if isinstance(weight, torch.Tensor) else next(self.model.parameters()).device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding a decoder layer, in layer order (one, unless split by a `device_map`)."""
+        found: list[torch.device] = []
+        for layer in self.layers:
+            for param in layer.parameters():
+                if param.device not in found:
+                    found.append(param.device)
+                break
+        return found or [self.device]
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def max_length(self) -> int | None:
@@ -149,16 +163,19 @@ def load_model(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     *,
+    device_map: str | dict[str, Any] | None = None,
     base: str | None = None,
     trust_remote_code: bool = False,
 ) -> ModelHandle:
-    """Load a causal LM for persona-vector work.
+    """Load a causal LM for persona-vector work, its weights straight onto their device(s) (no CPU copy first).
 
     Args:
         name_or_path: an embedded name (`smollm2-135m`), an HF model id, a local model directory, or a PEFT
             adapter directory (its base model comes from `base` or from the adapter's config).
         device: `auto` (CUDA if available, else CPU) or a torch device string.
         dtype: `auto` (fp32 on CPU, bf16 on GPU) or a dtype name.
+        device_map: split the model over several devices with accelerate: `auto`, `balanced`, `sequential` or
+            an explicit `{module name: device}` map (transformers' `device_map`); overrides `device`.
         base: the base model of a PEFT adapter, overriding the adapter config's.
         trust_remote_code: run model code shipped with the checkpoint; off unless you ask.
 
@@ -173,7 +190,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # our own spinner covers loading
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "adapter_config.json").exists():
-        return _load_adapter(path, device, dtype, base, trust_remote_code)
+        return _load_adapter(path, device, dtype, device_map, base, trust_remote_code)
     if name_or_path in EMBEDDED_MODELS:
         source, name = embedded_model_dir(name_or_path), name_or_path
     elif path.is_dir():
@@ -185,17 +202,45 @@ def load_model(
             f"unknown model {name_or_path!r}: use an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             "an HF model id such as Qwen/Qwen2.5-7B-Instruct, or a local model directory"
         )
-    dev = resolve_device(device)
+    dev, placement = placement_of(device, device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(
-                str(source), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
+                str(source), dtype=resolve_dtype(dtype, dev), device_map=placement,
+                trust_remote_code=trust_remote_code,
             )
     except OSError as exc:
         raise PersonascopeError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    return _finish(model.to(dev), tokenizer, name, str(source))
+    except torch.OutOfMemoryError:
+        raise PersonascopeError(
+            f"out of memory loading {name_or_path!r} on {placement}: split it over the GPUs (--device-map auto) "
+            "or use a smaller --dtype"
+        ) from None
+    return _finish(model, tokenizer, name, str(source))
+
+
+def placement_of(device: str, device_map: str | dict[str, Any] | None) -> tuple[torch.device, str | dict[str, Any]]:
+    """The device that decides the default dtype, and the `device_map` that loads the weights straight there:
+    `{"": device}` for one device, or the given map (accelerate places the layers)."""
+    if device_map is None:
+        dev = resolve_device(device)
+        return dev, {"": str(dev)}
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise PersonascopeError(
+            f"unknown device map {device_map!r}: use auto, balanced, balanced_low_0, sequential or a "
+            "{module: device} mapping"
+        )
+    dev = torch.device("cuda") if torch.cuda.is_available() else resolve_device(device)
+    if isinstance(device_map, dict) and device_map:
+        dev = torch.device(_as_device(next(iter(device_map.values()))))
+    return dev, device_map
+
+
+def _as_device(value: Any) -> str:
+    """A device_map value (`0`, `"cuda:1"`, `"cpu"`, `"disk"`) as a torch device string."""
+    return f"cuda:{value}" if isinstance(value, int) else ("cpu" if value == "disk" else str(value))
 
 
 def _local_name(path: Path) -> str:
@@ -211,7 +256,8 @@ def _local_name(path: Path) -> str:
 
 
 def _load_adapter(
-    path: Path, device: str, dtype: str | torch.dtype, base: str | None, trust_remote_code: bool
+    path: Path, device: str, dtype: str | torch.dtype, device_map: str | dict[str, Any] | None, base: str | None,
+    trust_remote_code: bool,
 ) -> ModelHandle:
     from peft import PeftModel
 
@@ -219,7 +265,7 @@ def _load_adapter(
     base_name = base or config.get("base_model_name_or_path")
     if not base_name:
         raise PersonascopeError(f"adapter {path} names no base model: pass the base model explicitly")
-    handle = load_model(base_name, device, dtype, trust_remote_code=trust_remote_code)
+    handle = load_model(base_name, device, dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(handle.model, str(path))
     model.eval()
     return _finish(model, handle.tokenizer, handle.name, str(path))

@@ -39,9 +39,13 @@ def write_gguf(path: str | Path, directions: Tensor, model_hint: str, metadata: 
     return atomic_write(path, write)
 
 
-def read_gguf(path: str | Path) -> tuple[Tensor, dict[str, str]]:
+def read_gguf(path: str | Path, num_layers: int | None = None) -> tuple[Tensor, dict[str, str]]:
     """Read a llama.cpp / repeng control vector as `[L+1, d]` directions (rows with no `direction.N`, 0 and 1 at
-    least, are zero) and its metadata (ours where the file has it; `model` from the model hint otherwise)."""
+    least, are zero) and its metadata (ours where the file has it; `model` from the model hint otherwise).
+
+    `L` is `num_layers` when given (a file without the last layers is padded with zero rows), else the file's
+    recorded layer count, else its deepest direction's.
+    """
     import gguf
 
     path = Path(path)
@@ -61,7 +65,12 @@ def read_gguf(path: str | Path) -> tuple[Tensor, dict[str, str]]:
     if not blocks:
         raise PersonascopeError(f"{path} holds no direction.N tensors")
     meta = {k[len(_GGUF_META_PREFIX):]: str(v) for k, v in fields.items() if k.startswith(_GGUF_META_PREFIX)}
-    layers = int(meta.get("num_layers", max(blocks) + 1))
+    layers = num_layers if num_layers is not None else int(meta.get("num_layers", max(blocks) + 1))
+    if max(blocks) + 1 > layers:
+        raise PersonascopeError(
+            f"{path} has direction.{max(blocks)} (our layer {max(blocks) + 1}) but the model has {layers} layers: "
+            "it was made for another model"
+        )
     width = next(iter(blocks.values())).shape[0]
     directions = torch.zeros(layers + 1, width)
     for block, row in blocks.items():

@@ -144,11 +144,8 @@ class PersonaVector:
     def load(cls, path: str | Path, model: ModelHandle | nn.Module | None = None) -> PersonaVector:
         """Read a vector file; with `model`, check that the vector fits it."""
         path = Path(path)
-        if not path.exists():
-            raise PersonascopeError(f"vector file {path} does not exist")
+        meta = vector_metadata(path)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = dict(handle.metadata() or {})
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise PersonascopeError(f"{path} is not a safetensors vector file ({exc})") from None
@@ -176,9 +173,13 @@ class PersonaVector:
         return write_gguf(path, self.directions, self.model, self.to_metadata())
 
     @classmethod
-    def import_gguf(cls, path: str | Path, *, trait: str | None = None) -> PersonaVector:
-        """Read a llama.cpp / repeng control vector; rows with no `direction.N` (0 and 1 at least) are zero."""
-        directions, meta = read_gguf(path)
+    def import_gguf(cls, path: str | Path, *, trait: str | None = None, num_layers: int | None = None) -> PersonaVector:
+        """Read a llama.cpp / repeng control vector; rows with no `direction.N` (0 and 1 at least) are zero.
+
+        `num_layers` (the model's decoder layer count) pads a file without the last layers with zero rows, as
+        repeng writes them; without it the file's own count (or its deepest direction) decides the rows.
+        """
+        directions, meta = read_gguf(path, num_layers)
         for key in ("format", "hidden_size", "num_layers"):
             meta.pop(key, None)
         name = meta.pop("model")
@@ -192,3 +193,15 @@ class PersonaVector:
         vector = cls(read_pt(path), name, model.name, {"method": "mean_diff", "source": path.name})
         vector.check_model(model)
         return vector
+
+
+def vector_metadata(path: str | Path) -> dict[str, str]:
+    """A vector file's string metadata (`model`, `trait`, …), read without loading its tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise PersonascopeError(f"vector file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PersonascopeError(f"{path} is not a safetensors vector file ({exc})") from None
