@@ -196,7 +196,7 @@ class _Batch:
         self.manager = HookManager.of(self.handle)
         self.trace = GenerationTrace(self.handle, registry.probe) if any(j.monitor for j in jobs) else None
         self.steering: list[HookHandle] = []
-        self.lengths_pushed = False
+        self.lengths_key: int | None = None
         self.tokens = 0
 
     def run(self) -> None:
@@ -273,8 +273,7 @@ class _Batch:
                 coefs.setdefault(key, torch.zeros(len(rows)))[i] += op.coef
         for (name, layer, scope), coef in coefs.items():
             self.steering.append(steer(self.handle, registry.get(name).vector, layer, coef, scope))  # type: ignore[arg-type]
-        self.manager.push_prompt_lengths([len(r.job.prompt_ids) for r in rows])
-        self.lengths_pushed = True
+        self.lengths_key = self.manager.push_prompt_lengths([len(r.job.prompt_ids) for r in rows])
         if self.trace is not None:
             self.trace.begin()
 
@@ -282,9 +281,9 @@ class _Batch:
         for handle in self.steering:
             handle.remove()
         self.steering = []
-        if self.lengths_pushed:
-            self.manager.pop_prompt_lengths()
-            self.lengths_pushed = False
+        if self.lengths_key is not None:
+            self.manager.pop_prompt_lengths(self.lengths_key)
+            self.lengths_key = None
         if self.trace is not None:
             self.trace.end()
 
