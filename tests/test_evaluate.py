@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from personascope.evaluate.choice import bootstrap_auroc, split_by_question
-from personascope.evaluate.result import Evaluation
-from personascope.evaluate.search import WEAK_AUROC, EvalSettings, evaluate_run, evaluate_vector
+from personascope.evaluate.result import EvalSettings, Evaluation
+from personascope.evaluate.search import WEAK_AUROC, evaluate_run, evaluate_vector
 from personascope.evaluate.separation import plain_chats, read_eval_rows, separation
 from personascope.inference.activations import encode, read_activations
 from personascope.inference.likelihood import likelihood_margin

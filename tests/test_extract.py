@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from personascope.evaluate.result import Evaluation
-from personascope.evaluate.search import EvalSettings
+from personascope.evaluate.result import EvalSettings, Evaluation
 from personascope.extract import ExtractConfig, extract, select_pairs
 from personascope.traits import load_trait
 from personascope.traits.plan import plan_rows

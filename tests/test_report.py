@@ -10,7 +10,8 @@ import pytest
 
 from personascope.errors import PersonascopeError
 from personascope.evaluate.report import write_report
-from personascope.evaluate.search import EvalSettings, evaluate_run
+from personascope.evaluate.result import EvalSettings
+from personascope.evaluate.search import evaluate_run
 from personascope.judge.judges import make_judge
 from personascope.model import ModelHandle
 from tests.loopback import Loopback, Reply, openai_reply

@@ -76,8 +76,8 @@ def plain_loglik(handle: ModelHandle, questions: Sequence[str], answers: Sequenc
     chats = [c for c in chats if len(c.ids) > c.prompt_len]
     if not chats:
         return -math.inf
-    zero = torch.zeros(handle.hidden_size)  # steering by nothing: the unsteered model
-    return float(response_loglik(handle, zero, 1, [0.0], chats, token_budget=token_budget)[0].mean())
+    direction = torch.ones(handle.hidden_size)  # at coefficient 0: the unsteered model
+    return float(response_loglik(handle, direction, 1, [0.0], chats, token_budget=token_budget)[0].mean())
 
 
 def coherent(measured: Repetition, loglik_drop: float, plain: Repetition) -> bool:

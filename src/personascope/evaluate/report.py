@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import asdict
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PersonascopeError(f"cannot read {path} ({exc}); rerun `personascope evaluate` on the run") from None
+
+
 def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, title: str = "") -> str:
     """The report page for one evaluation (as `evaluate_run` returns it) and the run's config."""
     best, trait, v = evaluation.best_layer, evaluation.trait, evaluation.validation
@@ -181,7 +189,7 @@ def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, 
               _table([(k, v) for k, v in {**evaluation.counts, **evaluation.timings}.items()])]
     if config:
         parts += ["<h2>Run configuration</h2>", _table(sorted(config.items()))]
-    parts += ["<h2>Evaluation settings</h2>", _table(sorted(evaluation.settings.items()))]
+    parts += ["<h2>Evaluation settings</h2>", _table(sorted(asdict(evaluation.settings).items()))]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{escape(trait)} persona vector</title><style>{_STYLE}</style></head>\n<body>\n{body}\n"

@@ -14,6 +14,37 @@ from personascope.errors import PersonascopeError
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """Knobs of an evaluation; the defaults keep the embedded model's run to a few minutes on a CPU.
+
+    Attributes:
+        margin_pairs: pos and neg responses (each) scored for the likelihood margin, spread over the eval rows.
+        margin_tokens: leading response tokens scored per response.
+        fraction: the fraction of the residual norm at which every candidate layer's margin gain is measured.
+        fractions: steering strengths (fractions of the residual norm) on the chosen layer's curve.
+        grid_size: about how many layers get a margin measurement before refining around the best.
+        curve_questions: held-out questions answered (greedy, no system prompt) at each strength of the curve.
+        curve_max_new_tokens: tokens per answer on the curve.
+        examples: curve questions shown in the report with their unsteered and chosen-strength answers.
+        token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
+        split_seed: seed of the split of the held-out questions into a selection and a report part.
+        bootstrap: resamples of the report part's rows for the AUROC interval.
+    """
+
+    margin_pairs: int = 8
+    margin_tokens: int = 48
+    fraction: float = 0.5
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
+    grid_size: int = 10
+    curve_questions: int = 5
+    curve_max_new_tokens: int = 48
+    examples: int = 3
+    token_budget: int = 2048
+    split_seed: int = 0
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
 class LayerEval:
     """One candidate layer: held-out AUROC on the selection and report parts, margin gain, scale."""
 
@@ -120,7 +151,7 @@ class Evaluation:
     projections: Projections
     examples: list[Example]
     counts: dict[str, int]
-    settings: dict[str, Any]
+    settings: EvalSettings
     timings: dict[str, float]
     vector: str | None = None
 
@@ -162,4 +193,6 @@ def _build(kind: Any, value: Any) -> Any:
         return _build(next(a for a in args if a is not type(None)), value)
     if origin is list:
         return [_build(args[0], v) for v in value]
+    if origin is tuple:
+        return tuple(_build(args[0], v) for v in value)
     return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from personascope.evaluate.coherence import coherent, plain_loglik, repetition
 from personascope.evaluate.result import (
     Baseline,
     CurvePoint,
+    EvalSettings,
     Evaluation,
     Example,
     LayerEval,
@@ -47,37 +47,6 @@ AUROC_TOLERANCE = 0.05
 """Layers whose AUROC is within this of the best compete on margin gain."""
 WEAK_AUROC = 0.6
 """Below this held-out AUROC at every layer, the evaluation warns that the vector hardly tracks the trait."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Knobs of an evaluation; the defaults keep the embedded model's run to a few minutes on a CPU.
-
-    Attributes:
-        margin_pairs: pos and neg responses (each) scored for the likelihood margin, spread over the eval rows.
-        margin_tokens: leading response tokens scored per response.
-        fraction: the fraction of the residual norm at which every candidate layer's margin gain is measured.
-        fractions: steering strengths (fractions of the residual norm) on the chosen layer's curve.
-        grid_size: about how many layers get a margin measurement before refining around the best.
-        curve_questions: held-out questions answered (greedy, no system prompt) at each strength of the curve.
-        curve_max_new_tokens: tokens per answer on the curve.
-        examples: curve questions shown in the report with their unsteered and chosen-strength answers.
-        token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
-        split_seed: seed of the split of the held-out questions into a selection and a report part.
-        bootstrap: resamples of the report part's rows for the AUROC interval.
-    """
-
-    margin_pairs: int = 8
-    margin_tokens: int = 48
-    fraction: float = 0.5
-    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
-    grid_size: int = 10
-    curve_questions: int = 5
-    curve_max_new_tokens: int = 48
-    examples: int = 3
-    token_budget: int = 2048
-    split_seed: int = 0
-    bootstrap: int = 1000
 
 
 class _MarginSweep:
@@ -263,7 +232,7 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
         examples=[Example(q, a, b) for q, a, b in zip(questions, answers[0], chosen_answers)][: settings.examples],
         counts={"eval_pos": int(labels.sum()), "eval_neg": int((~labels).sum()), "margin_pos": len(pos),
                 "margin_neg": len(neg), "curve_questions": len(questions)},
-        settings=asdict(settings), timings=timings,
+        settings=settings, timings=timings,
     )
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from personascope.errors import PersonascopeError
 from personascope.evaluate.report import write_report
-from personascope.evaluate.result import Evaluation, LayerEval
-from personascope.evaluate.search import EvalSettings, evaluate_run
+from personascope.evaluate.result import EvalSettings, Evaluation, LayerEval
+from personascope.evaluate.search import evaluate_run
 from personascope.extract.selection import PairSelection, select_pairs
 from personascope.hooks import POOLS
 from personascope.inference.activations import encode, read_activations
