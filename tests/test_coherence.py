@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from personascope.evaluate.choice import choose_strength
 from personascope.evaluate.coherence import LOOP_REPEATS, coherent, distinct_n, longest_loop, repetition, words
 from personascope.evaluate.result import CurvePoint, EvalSettings

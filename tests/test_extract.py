@@ -118,7 +118,8 @@ def test_a_run_writes_every_output_and_a_rerun_does_nothing(finished, trait_file
         assert {"format", "model_revision", "created", "personascope_version"} <= set(meta)
 
     evaluation = Evaluation.load(out / "eval.json")
-    assert evaluation == result.evaluation and evaluation.best_layer == 10 and not (out / "eval.layers-10.json").exists()
+    assert evaluation == result.evaluation and evaluation.best_layer == 10
+    assert not (out / "eval.layers-10.json").exists()  # the run's evaluation is eval.json, whatever its layers
     assert [e.layer for e in evaluation.layers] == [10]
     assert 0 <= result.best_layer_stats().auroc <= 1 and result.best_layer_stats().margin_gain is not None
     assert evaluation.validation.select_rows + evaluation.validation.report_rows == 6

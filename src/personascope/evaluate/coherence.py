@@ -64,7 +64,7 @@ def repetition(texts: Sequence[str]) -> Repetition:
     loops = [longest_loop(w) for w in split]
     mean = lambda values: sum(values) / len(values) if values else 1.0  # noqa: E731
     return Repetition(mean([distinct_n(w, 2) for w in split]), mean([distinct_n(w, 3) for w in split]),
-                      sum(l >= LOOP_REPEATS for l in loops), max(loops, default=0))
+                      sum(n >= LOOP_REPEATS for n in loops), max(loops, default=0))
 
 
 def plain_loglik(handle: ModelHandle, questions: Sequence[str], answers: Sequence[str], *,

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from personascope.errors import PersonascopeError
 from personascope.evaluate.choice import bootstrap_auroc, choose_strength, margin_grid, split_by_question
-from personascope.evaluate.coherence import coherent, plain_loglik, repetition
+from personascope.evaluate.coherence import MAX_LOGLIK_DROP, MIN_DISTINCT_RATIO, coherent, plain_loglik, repetition
 from personascope.evaluate.result import (
     Baseline,
     CurvePoint,
@@ -209,8 +209,9 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
     low, high = bootstrap_auroc(projections[rep, column], labels_rep, settings.bootstrap, settings.split_seed)
     chosen_answers = answers[curve.index(pick)]
     timings["total_s"] = round(time.perf_counter() - start, 2)
-    coherence_rule = ("no more looping answers than unsteered, distinct-2 >= 0.75 of unsteered, unsteered "
-                      "log-likelihood drop <= 2 nats/token" + (f", judged coherence >= {MIN_COHERENCE:g}" * bool(judge)))
+    coherence_rule = (f"no more looping answers than unsteered, distinct-2 >= {MIN_DISTINCT_RATIO:g} of unsteered, "
+                      f"unsteered log-likelihood drop <= {MAX_LOGLIK_DROP:g} nats/token"
+                      + (f", judged coherence >= {MIN_COHERENCE:g}" * bool(judge)))
     return Evaluation(
         trait=trait.name, model=handle.name, judge=judge.spec if judge is not None else "none",
         best_layer=best, best_coef=pick.coef, best_fraction=pick.fraction,
