@@ -204,7 +204,7 @@ def test_evaluation_records_layers_and_choice(judged: Evaluation, vector: Person
     assert judged.counts == {"eval_pos": 4, "eval_neg": 4, "margin_pos": 2, "margin_neg": 2, "curve_questions": 2,
                              "eval_empty_skipped": 1}
     assert len(judged.projections.pos) == 2 and len(judged.examples) == 1
-    assert judged.examples[0].steered != judged.examples[0].unsteered
+    assert judged.examples[0].unsteered and judged.examples[0].steered
 
 
 def test_layer_is_chosen_on_other_questions_than_those_reporting_auroc(judged: Evaluation) -> None:

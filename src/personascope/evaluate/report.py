@@ -110,7 +110,7 @@ def _coherence(evaluation: Evaluation) -> Any:
         ax.axvline(evaluation.best_fraction, color="tab:red", ls="--", lw=1, label="chosen")
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("steering strength (fraction of the residual norm)")
-        ax.set_title("Coherence of greedy steered answers")
+        ax.set_title("Coherence of steered answers")
         ax.legend(fontsize=7)
 
     return draw
@@ -176,7 +176,7 @@ def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, 
                       for p in evaluation.curve],
                      ("fraction", "coef", "margin gain", "distinct-2", "distinct-3", "looping answers",
                       "longest loop", "log-lik drop", "judged trait", "judged coherence", "coherent"))]
-    parts += [f"<h2>Examples (greedy, no system prompt; steered at layer {best}, "
+    parts += [f"<h2>Examples (default decoding, no system prompt; steered at layer {best}, "
               f"coef {evaluation.best_coef:.4g})</h2>",
               _table([(e.question, e.unsteered, e.steered) for e in evaluation.examples],
                      ("question", "unsteered", "steered"), cls="answer"),

@@ -23,7 +23,7 @@ class EvalSettings:
         fraction: the fraction of the residual norm at which every candidate layer's margin gain is measured.
         fractions: steering strengths (fractions of the residual norm) on the chosen layer's curve.
         grid_size: about how many layers get a margin measurement before refining around the best.
-        curve_questions: held-out questions answered (greedy, no system prompt) at each strength of the curve.
+        curve_questions: held-out questions answered (no system prompt, `default_decoding`) at each strength.
         curve_max_new_tokens: tokens per answer on the curve.
         examples: curve questions shown in the report with their unsteered and chosen-strength answers.
         token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
@@ -61,7 +61,7 @@ class LayerEval:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """One steering strength at the chosen layer: trait measures and coherence of greedy steered answers.
+    """One steering strength at the chosen layer: trait measures and coherence of steered answers.
 
     `margin_gain`, `pos_gain`, `neg_gain`: nats per token, teacher-forced, against no steering.
     `distinct_2`, `distinct_3`: distinct word bigrams/trigrams over all, mean over answers. `loop_answers`: answers

@@ -32,7 +32,7 @@ from personascope.evaluate.separation import (
 )
 from personascope.evaluate.steering import MIN_COHERENCE, judge_answers, steered_answers
 from personascope.inference.activations import EncodedChat
-from personascope.inference.generate import SamplingConfig, generate_responses
+from personascope.inference.generate import SamplingConfig, default_decoding, generate_responses
 from personascope.inference.likelihood import response_loglik
 from personascope.io.files import write_json
 from personascope.io.layers import check_layer
@@ -129,10 +129,12 @@ def _margin_chats(
 def _curve(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, judge: Judge | None, layer: int,
            sweep: _MarginSweep, questions: list[str], settings: EvalSettings, progress: bool
            ) -> tuple[list[CurvePoint], list[list[str]]]:
-    """Greedy answers to `questions` unsteered and at each strength, with their trait and coherence measures."""
+    """Answers to `questions` unsteered and at each strength, decoded as `personascope generate` decodes by default,
+    with their trait and coherence measures."""
     fractions = [0.0, *sorted(settings.fractions)]
+    decoding = default_decoding(handle, max_new_tokens=settings.curve_max_new_tokens)  # as `generate` answers
     answers = [steered_answers(handle, questions, vector=vector, layer=layer, coef=sweep.coef(layer, f),
-                               max_new_tokens=settings.curve_max_new_tokens, progress=progress) for f in fractions]
+                               sampling=decoding, progress=progress) for f in fractions]
     plain = repetition(answers[0])
     plain_ll = plain_loglik(handle, questions, answers[0], token_budget=settings.token_budget)
     points = []

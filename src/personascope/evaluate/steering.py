@@ -1,4 +1,4 @@
-"""Steered generation for evaluation: greedy answers steered at a layer, and a judge's view of them."""
+"""Steered generation for evaluation: answers steered at a layer, and a judge's view of them."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ def steered_answers(
     layer: int | None = None,
     coef: float = 0.0,
     max_new_tokens: int = 64,
+    sampling: SamplingConfig | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy answers to `questions` (no system prompt), steered at `layer` by `coef` when a vector is given."""
+    """Answers to `questions` (no system prompt), steered at `layer` by `coef` when a vector is given; greedy
+    with `max_new_tokens` unless `sampling` says otherwise."""
     requests = [(f"q{i:03d}", handle.chat_ids([{"role": "user", "content": q}])) for i, q in enumerate(questions)]
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     if vector is None:
         steering, label = nullcontext(), "Unsteered answers"
     elif layer is None:
