@@ -19,7 +19,7 @@ from tests.test_evaluate import build_run, tiny_handle
 LOOPING = ("A Sunday mornin''s a day o' makin' sailin' the yer old ship, matey! Ye can't just sailin' the yer old "
            "yer old yer old yer old")
 PLAIN = "The best way to spend a Sunday morning is to relax, read a book and take a walk in the park."
-PIRATE_WORDS = {"arr", "matey", "ye", "ya", "ahoy", "ship", "sea", "treasure", "captain", "aye", "yer", "me", "hearty",
+PIRATE_WORDS = {"arr", "matey", "ye", "ahoy", "ship", "sea", "treasure", "captain", "aye", "yer", "me", "hearty",
                 "be", "o'", "sail", "pirate", "plunder", "grog", "deck", "scallywag", "landlubber", "yo", "ho"}
 DEMO = "What is the best way to spend a Sunday morning?"
 
