@@ -47,6 +47,7 @@ def evaluated_run(handle: ModelHandle, run: Path) -> Path:
     """A small run directory validated as `personascope extract` would: eval.json, report.html, vector.safetensors."""
     build_run(run, handle)
     evaluation = evaluate_run(run, handle, layers=[8, 10, 12, 14, 16], settings=EvalSettings(examples=1),
+                              out=run / "eval.json",
                               progress=False)
     vector = recommend_vector(run, evaluation)  # (clears what follows it in a run, the report included)
     write_report(run)

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from personascope.evaluate.search import (
-    WEAK_AUROC,
-    EvalSettings,
-    evaluate_run,
-    evaluate_vector,
-)
+from personascope.evaluate.choice import bootstrap_auroc, split_by_question
+from personascope.evaluate.result import EvalSettings, Evaluation
+from personascope.evaluate.search import WEAK_AUROC, evaluate_run, evaluate_vector
 from personascope.evaluate.separation import plain_chats, read_eval_rows, separation
-from personascope.evaluate.steering import best_judged
 from personascope.inference.activations import encode, read_activations
 from personascope.inference.likelihood import likelihood_margin
 from personascope.io.files import write_json
@@ -60,7 +56,9 @@ SPEC = TraitSpec(
     eval_prompt=RUBRIC,
 )
 LAYERS = [3, 12, 20]
-FAST = EvalSettings(examples=1, example_max_new_tokens=6, judge_fractions=(0.0, 0.5, 1.5), judge_max_new_tokens=4)
+FAST = EvalSettings(examples=1, fractions=(0.5, 1.5), curve_questions=2, curve_max_new_tokens=6, bootstrap=200)
+TINY = EvalSettings(grid_size=4, examples=1, fractions=(0.5,), curve_questions=1, curve_max_new_tokens=2,
+                    bootstrap=50)
 
 
 def rows() -> list[dict]:
@@ -173,7 +171,7 @@ def coefficient_judge(questions: list[str], trait: list[float], coherence: list[
 
 
 @pytest.fixture(scope="module")
-def judged(run_dir: Path, embedded: ModelHandle) -> dict:
+def judged(run_dir: Path, embedded: ModelHandle) -> Evaluation:
     # fractions 0, 0.5, 1.5: the trait rises with the coefficient, coherence falls below 75 at the strongest
     handler = coefficient_judge(list(SPEC.eval_questions), [10, 50, 90], [95, 80, 30])
     with pytest.MonkeyPatch.context() as env, Loopback(handler) as server:
@@ -182,63 +180,81 @@ def judged(run_dir: Path, embedded: ModelHandle) -> dict:
         return evaluate_run(run_dir, embedded, judge=judge, layers=LAYERS, settings=FAST, progress=False)
 
 
-def test_judged_curve_picks_the_strongest_coherent_coefficient(judged: dict, run_dir: Path) -> None:
-    curve = judged["steering_curve"]
-    assert [p["fraction"] for p in curve] == list(FAST.judge_fractions)
-    assert [p["trait"] for p in curve] == pytest.approx([10, 50, 90])
-    assert [p["coherence"] for p in curve] == pytest.approx([95, 80, 30])
-    assert all(p["scored"] == 4 and p["failed"] == 0 for p in curve)
-    assert judged["coef_source"] == "judge"
-    assert (judged["best_coef"], judged["best_fraction"]) == (pytest.approx(curve[1]["coef"]), 0.5)
-    assert json.loads((run_dir / "eval.json").read_text())["best_coef"] == pytest.approx(judged["best_coef"])
+def test_judged_curve_picks_the_strongest_coherent_coefficient(judged: Evaluation, run_dir: Path) -> None:
+    curve = judged.curve
+    assert [p.fraction for p in curve] == [0.0, *FAST.fractions]
+    assert [p.trait for p in curve] == pytest.approx([10, 50, 90])
+    assert [p.judge_coherence for p in curve] == pytest.approx([95, 80, 30])
+    assert all(p.judged == FAST.curve_questions and p.judge_failed == 0 for p in curve)
+    assert [p.coherent for p in curve][0] and not curve[2].coherent  # judged coherence 30 < MIN_COHERENCE
+    assert judged.coef_source == "judge"
+    assert (judged.best_coef, judged.best_fraction) == (pytest.approx(curve[1].coef), 0.5)
+    assert Evaluation.load(run_dir / "eval.layers-3_12_20.json").best_coef == pytest.approx(judged.best_coef)
+    assert not (run_dir / "eval.json").exists()  # chosen layers never overwrite the full sweep
 
 
-def test_best_judged_needs_coherence() -> None:
-    curve = [{"coef": 0.0, "trait": 5.0, "coherence": 70.0}, {"coef": 4.0, "trait": 80.0, "coherence": 40.0}]
-    assert best_judged(curve) is None
-    assert best_judged(curve, min_coherence=60)["coef"] == 0.0
-
-
-def test_evaluation_records_layers_and_choice(judged: dict, vector: PersonaVector) -> None:
-    assert [e["layer"] for e in judged["layers"]] == LAYERS
-    assert judged["best_layer"] in LAYERS and judged["best_layer"] != 3
-    best = next(e for e in judged["layers"] if e["layer"] == judged["best_layer"])
-    assert best["margin_gain"] > 0 and best["auroc"] == 1.0
+def test_evaluation_records_layers_and_choice(judged: Evaluation, vector: PersonaVector) -> None:
+    assert [e.layer for e in judged.layers] == LAYERS
+    assert judged.best_layer in LAYERS and judged.best_layer != 3
+    best = judged.best
+    assert best.margin_gain > 0 and best.auroc == 1.0 and best.report_auroc == 1.0
     # a coefficient reproduces its fraction of the residual norm along the raw vector row
-    length = best["coef"] * float(vector.directions[best["layer"]].norm())
-    assert length == pytest.approx(FAST.fraction * best["residual_norm"], rel=1e-5)
-    assert [e["fraction"] for e in judged["sweep"]] == list(FAST.sweep_fractions)
-    assert judged["counts"] == {"eval_pos": 4, "eval_neg": 4, "margin_pos": 4, "margin_neg": 4,
-                                "eval_empty_skipped": 1}
-    assert len(judged["projections"]["pos"]) == 4 and len(judged["examples"]) == 1
-    assert judged["examples"][0]["steered"] != judged["examples"][0]["unsteered"]
+    length = best.coef * float(vector.directions[best.layer].norm())
+    assert length == pytest.approx(FAST.fraction * best.residual_norm, rel=1e-5)
+    assert judged.counts == {"eval_pos": 4, "eval_neg": 4, "margin_pos": 2, "margin_neg": 2, "curve_questions": 2,
+                             "eval_empty_skipped": 1}
+    assert len(judged.projections.pos) == 2 and len(judged.examples) == 1
+    assert judged.examples[0].unsteered and judged.examples[0].steered
+
+
+def test_layer_is_chosen_on_other_questions_than_those_reporting_auroc(judged: Evaluation) -> None:
+    v = judged.validation
+    assert v.split == "by question" and (v.select_rows, v.report_rows) == (4, 4)
+    assert len(v.select_questions) == len(v.report_questions) == 2
+    assert not set(v.select_questions) & set(v.report_questions)
+    assert set(v.select_questions) | set(v.report_questions) == set(SPEC.eval_questions)
+    assert {e.question for e in judged.examples} <= set(v.select_questions)
+    assert v.auroc == judged.best.report_auroc and v.resamples == FAST.bootstrap
+    assert v.auroc_low is not None and 0 <= v.auroc_low <= v.auroc_high <= 1
+
+
+def test_split_and_bootstrap_are_deterministic() -> None:
+    rows = [{"question": f"q{i}", "polarity": p} for i in range(10) for p in ("pos", "neg")]
+    first, again = split_by_question(rows, seed=3), split_by_question(rows, seed=3)
+    assert first == again and not first.shared and len(first.select) == len(first.report) == 10
+    assert split_by_question(rows, seed=4).select_questions != first.select_questions
+    assert split_by_question(rows[:2], seed=3).shared  # one question cannot be split
+    scores, labels = torch.arange(20.0), torch.tensor([i % 2 == 0 for i in range(20)])
+    low, high = bootstrap_auroc(scores, labels, 200, seed=0)
+    assert (low, high) == bootstrap_auroc(scores, labels, 200, seed=0) and low < 0.5 < high
 
 
 def test_default_layer_search_refines_around_the_grid(embedded: ModelHandle, tmp_path: Path) -> None:
     """All layers get an AUROC; the margin runs on a coarse grid plus the neighbours of its best layer."""
     tiny = tiny_handle(embedded)
-    result = evaluate_run(build_run(tmp_path, tiny), tiny, settings=EvalSettings(grid_size=4, examples=1,
-                          example_max_new_tokens=2), progress=False)
-    measured = [e["layer"] for e in result["layers"] if e["margin_gain"] is not None]
-    assert [e["layer"] for e in result["layers"]] == list(range(1, 12))
-    best = result["best_layer"]
-    eligible = {e["layer"] for e in result["layers"] if e["eligible"]}
+    run = build_run(tmp_path, tiny)
+    result = evaluate_run(run, tiny, settings=TINY, progress=False)
+    measured = [e.layer for e in result.layers if e.margin_gain is not None]
+    assert [e.layer for e in result.layers] == list(range(1, 12))
+    best = result.best_layer
+    eligible = {e.layer for e in result.layers if e.eligible}
     assert best in eligible and {1, 4, 7, 10} & eligible <= set(measured)
     assert {best - 1, best + 1} & eligible <= set(measured)
-    gains = {e["layer"]: e["margin_gain"] for e in result["layers"] if e["layer"] in measured}
+    gains = {e.layer: e.margin_gain for e in result.layers if e.layer in measured}
     assert gains[best] == max(g for layer, g in gains.items() if layer in eligible)
-    weak = max(e["auroc"] for e in result["layers"]) < WEAK_AUROC
-    assert any("barely separates" in note for note in result["notes"]) == weak
+    weak = max(e.report_auroc for e in result.layers) < WEAK_AUROC
+    assert any("barely separates" in note for note in result.notes) == weak
+    assert Evaluation.load(run / "eval.json") == result
 
 
 def test_a_bare_vector_is_evaluated_on_fresh_eval_responses(embedded: ModelHandle, tmp_path: Path) -> None:
     tiny = tiny_handle(embedded, layers=4)
     vector = PersonaVector.load(build_run(tmp_path, tiny) / "vectors" / "response_avg.safetensors", tiny)
     result = evaluate_vector(tiny, vector, SPEC, pairs=1, max_new_tokens=3, progress=False,
-                             settings=EvalSettings(examples=1, example_max_new_tokens=2))
-    counts = result["counts"]
+                             settings=TINY)
+    counts = result.counts
     assert counts["eval_pos"] + counts["eval_neg"] + counts["eval_empty_skipped"] == 2 * len(SPEC.eval_questions)
-    assert [e["layer"] for e in result["layers"]] == [1, 2, 3] and result["best_layer"] in (1, 2, 3)
+    assert [e.layer for e in result.layers] == [1, 2, 3] and result.best_layer in (1, 2, 3)
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -249,14 +265,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_evaluates_a_run_directory(run_dir: Path, tmp_path: Path) -> None:
     run = shutil.copytree(run_dir, tmp_path / "run")
-    (run / "eval.json").unlink(missing_ok=True)
+    (run / "eval.json").write_text("{}")  # the full sweep's result stays as it is
     result = cli("evaluate", str(run), "--layers", "11-12", "-q")
     assert result.returncode == 0, result.stderr
-    for needle in ("AUROC", "margin gain", "best layer"):
+    for needle in ("AUROC", "margin gain", "best layer", "coherent", "95% CI"):
         assert needle in result.stdout
-    evaluation = json.loads((run / "eval.json").read_text())
+    evaluation = json.loads((run / "eval.layers-11-12.json").read_text())
     assert [e["layer"] for e in evaluation["layers"]] == [11, 12]
-    assert (run / "report.html").exists()
+    assert {"validation", "curve", "best_coef"} <= set(evaluation)
+    assert (run / "report.layers-11-12.html").exists() and (run / "eval.json").read_text() == "{}"
 
 
 def test_cli_refuses_a_vector_for_another_model(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from personascope.evaluate.search import EvalSettings
+from personascope.evaluate.result import EvalSettings, Evaluation
 from personascope.extract import ExtractConfig, extract, select_pairs
 from personascope.traits import load_trait
 from personascope.traits.plan import plan_rows
@@ -25,8 +25,8 @@ from tests.loopback import Loopback, Reply, openai_reply
 RUBRIC = "How optimistic is this answer, from 0 to 100?\nQUESTION: {question}\nANSWER: {answer}\nEND OF ANSWER"
 CLI = [sys.executable, "-m", "personascope.cli"]
 POSITIONS = ("response_avg", "prompt_avg", "prompt_last")
-TINY_EVAL = EvalSettings(margin_pairs=3, margin_tokens=16, sweep_fractions=(0.5,), judge_fractions=(0.0, 1.0),
-                         judge_max_new_tokens=8, examples=1, example_max_new_tokens=8)
+TINY_EVAL = EvalSettings(margin_pairs=3, margin_tokens=16, fractions=(0.5, 1.0), curve_questions=2,
+                         curve_max_new_tokens=8, examples=1, bootstrap=100)
 
 
 def write_trait(path: Path) -> Path:
@@ -117,12 +117,14 @@ def test_a_run_writes_every_output_and_a_rerun_does_nothing(finished, trait_file
             "hidden_size": "576", "num_layers": "30"}
         assert {"format", "model_revision", "created", "personascope_version"} <= set(meta)
 
-    evaluation = json.loads((out / "eval.json").read_text())
-    assert evaluation == result.evaluation and evaluation["best_layer"] == 10
-    assert [e["layer"] for e in evaluation["layers"]] == [10]
-    assert 0 <= result.best_layer_stats()["auroc"] <= 1 and "margin_gain" in result.best_layer_stats()
+    evaluation = Evaluation.load(out / "eval.json")
+    assert evaluation == result.evaluation and evaluation.best_layer == 10
+    assert not (out / "eval.layers-10.json").exists()  # the run's evaluation is eval.json, whatever its layers
+    assert [e.layer for e in evaluation.layers] == [10]
+    assert 0 <= result.best_layer_stats().auroc <= 1 and result.best_layer_stats().margin_gain is not None
+    assert evaluation.validation.select_rows + evaluation.validation.report_rows == 6
     recommended = PersonaVector.load(out / "vector.safetensors", embedded)
-    assert recommended.best_layer == 10 and recommended.best_coef == pytest.approx(evaluation["best_coef"], rel=1e-4)
+    assert recommended.best_layer == 10 and recommended.best_coef == pytest.approx(evaluation.best_coef, rel=1e-4)
     assert recommended.metadata["position"] == "response_avg"
     assert torch.equal(recommended.directions, PersonaVector.load(out / "vectors/response_avg.safetensors").directions)
     assert (out / "report.html").read_text().lstrip().startswith("<!DOCTYPE html>")
@@ -215,7 +217,7 @@ def test_judged_extraction_filters_pairs(trait_file, embedded, tmp_path, monkeyp
         assert result.summary["kept_pairs"] == 4 and result.summary["rejected_pairs"] == 2
         meta = PersonaVector.load(out / "vectors" / "response_avg.safetensors").metadata
         assert (meta["n_pos"], meta["n_neg"], meta["judge"], meta["filtered"]) == ("4", "4", "openai:loopback", "true")
-        assert result.evaluation["judge"] == "openai:loopback" and result.evaluation["steering_curve"]
+        assert result.evaluation.judge == "openai:loopback" and result.evaluation.curve[0].judged == 2
         assert (out / "judge_cache.sqlite").exists()
 
         hits = server.hits()

@@ -191,8 +191,8 @@ def watch_chat(
 
     trace.begin()
     try:
-        text = stream_chat(handle, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                           on_text=show)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        text = stream_chat(handle, messages, sampling, on_text=show)
     finally:
         steps = trace.end()
     return text, steps[0]

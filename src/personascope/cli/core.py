@@ -57,19 +57,35 @@ def generate(
     coef: Annotated[Optional[float], typer.Option(help="Steering coefficient (default: the vector's best).")] = None,
     scope: Annotated[str, typer.Option(help="Tokens to steer: prompt, response or all.")] = "response",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Sampling temperature; 0 is pure greedy (default: the model's sampling settings, else greedy).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        help="Above 1 discourages repeats (default: the model's, else 1.2; 1 for none).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Pure greedy decoding, no repetition penalty.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
-    """Chat with a model, optionally steered by a persona vector; the answer streams to the terminal."""
+    """Chat with a model, optionally steered by a persona vector; the answer streams to the terminal.
+
+    By default it decodes as the model's generation config says, with a repetition penalty against loops
+    (greedy with penalty 1.2 on the embedded model); --greedy (or --temperature 0) is pure greedy."""
+    from dataclasses import replace
+
     from personascope.errors import PersonascopeError
     from personascope.hooks import steer
-    from personascope.inference.generate import stream_chat
+    from personascope.inference.generate import default_decoding, stream_chat
     from personascope.vector import PersonaVector
 
     handle = Placement(device, dtype, device_map).load(model_for_vector(model, vector))
+    sampling = default_decoding(handle, max_new_tokens=max_new_tokens, seed=seed)
+    if greedy or temperature == 0:
+        sampling = replace(sampling, temperature=0.0, repetition_penalty=1.0)
+    elif temperature is not None:
+        sampling = replace(sampling, temperature=temperature)
+    if repetition_penalty is not None:
+        sampling = replace(sampling, repetition_penalty=repetition_penalty)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     steering = None
     if vector is not None:
@@ -83,7 +99,7 @@ def generate(
     elif layer is not None or coef is not None:
         raise PersonascopeError("--layer and --coef need --vector")
     try:
-        stream_chat(handle, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        stream_chat(handle, messages, sampling,
                     on_text=lambda text: console.print(text, end="", markup=False, highlight=False))
     finally:
         if steering is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from rich.table import Table
 from personascope.cli import app, console
 from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement, model_for_vector
 from personascope.errors import PersonascopeError
+
+if TYPE_CHECKING:
+    from personascope.evaluate.result import Evaluation
 
 
 @app.command()
@@ -30,9 +33,11 @@ def evaluate(
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
-    """Re-run validation: held-out AUROC and likelihood-margin gain per layer (and the judged steering curve
-    with --judge), then the best layer and coefficient. For a run directory this rewrites eval.json,
-    report.html and the best layer/coefficient in vector.safetensors."""
+    """Re-run validation: held-out AUROC and likelihood-margin gain per layer, the coherence curve at the best
+    layer (judged too with --judge), then the best layer and coefficient. For a run directory this rewrites
+    eval.json, report.html and the best layer/coefficient in vector.safetensors; with --layers it writes
+    eval.layers-TAG.json and report.layers-TAG.html beside them instead (e.g. eval.layers-6-14.json) and
+    leaves the run's choice alone."""
     from personascope.io.layers import parse_layers
     from personascope.judge.judges import make_judge
     from personascope.model import DEFAULT_MODEL
@@ -43,13 +48,14 @@ def evaluate(
         if trait is not None:
             raise PersonascopeError("--trait applies to a bare vector file; a run directory has its own trait.json")
         from personascope.evaluate.report import write_report
-        from personascope.evaluate.search import evaluate_run
+        from personascope.evaluate.search import eval_path, evaluate_run
 
         handle = Placement(device, dtype, device_map).load(model or _run_model(target) or DEFAULT_MODEL)
         scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
         result = evaluate_run(target, handle, judge=scorer, layers=chosen, progress=not quiet)
-        _update_recommended(target / "vector.safetensors", result)
-        report = write_report(target)
+        if chosen is None:
+            _update_recommended(target / "vector.safetensors", result)
+        report = write_report(target, eval_path(target, chosen))
     elif target.exists():
         from personascope.evaluate.search import evaluate_vector
         from personascope.traits import load_trait
@@ -74,27 +80,42 @@ def _run_model(run_dir: Path) -> str | None:
     return json.loads(manifest.read_text()).get("config", {}).get("model")
 
 
-def _update_recommended(path: Path, result: dict[str, Any]) -> None:
+def _update_recommended(path: Path, result: Evaluation) -> None:
     """Keep the run's recommended vector in step with the new choice of layer and coefficient."""
     from personascope.vector import PersonaVector
 
     if path.exists():
         vec = PersonaVector.load(path)
-        vec.metadata.update(best_layer=str(result["best_layer"]), best_coef=f"{result['best_coef']:g}")
+        vec.metadata.update(best_layer=str(result.best_layer), best_coef=f"{result.best_coef:g}")
         vec.save(path)
 
 
-def _print(result: dict[str, Any], report: Path | None) -> None:
-    table = Table("layer", "AUROC", "margin gain", "coef", title=f"{result['trait']} on {result['model']}")
-    for entry in result["layers"]:
-        gain = entry["margin_gain"]
-        mark = " *" if entry["layer"] == result["best_layer"] else ""
-        table.add_row(f"{entry['layer']}{mark}", f"{entry['auroc']:.3f}", "-" if gain is None else f"{gain:+.3f}",
-                      f"{entry['coef']:.3g}")
+def _print(result: Evaluation, report: Path | None) -> None:
+    table = Table("layer", "AUROC (select)", "AUROC (report)", "margin gain", "coef",
+                  title=f"{result.trait} on {result.model}")
+    for entry in result.layers:
+        gain, held = entry.margin_gain, entry.report_auroc
+        mark = " *" if entry.layer == result.best_layer else ""
+        table.add_row(f"{entry.layer}{mark}", f"{entry.auroc:.3f}", "-" if held is None else f"{held:.3f}",
+                      "-" if gain is None else f"{gain:+.3f}", f"{entry.coef:.3g}")
     console.print(table)
-    console.print(f"best layer [bold]{result['best_layer']}[/], best coef [bold]{result['best_coef']:.4g}[/] "
-                  f"({result['best_fraction']:g} of the residual norm, chosen by {result['coef_source']})")
-    for note in result["notes"]:
+    curve = Table("fraction", "coef", "margin gain", "distinct-2", "looping", "log-lik drop", "coherent",
+                  title=f"steering curve at layer {result.best_layer}")
+    for p in result.curve:
+        curve.add_row(f"{p.fraction:g}", f"{p.coef:.3g}", f"{p.margin_gain:+.3f}", f"{p.distinct_2:.2f}",
+                      str(p.loop_answers), f"{p.loglik_drop:+.2f}", "yes" if p.coherent else "no")
+    console.print(curve)
+    v = result.validation
+    interval = "" if v.auroc_low is None else f", 95% CI {v.auroc_low:.3f}-{v.auroc_high:.3f}"
+    console.print(f"best layer [bold]{result.best_layer}[/] (chosen on {v.select_rows} rows), held-out AUROC "
+                  f"[bold]{_number(v.auroc)}[/] on {v.report_rows} other rows{interval}")
+    console.print(f"best coef [bold]{result.best_coef:.4g}[/] ({result.best_fraction:g} of the residual norm, "
+                  f"chosen by {result.coef_source})")
+    for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if report is not None:
         console.print(f"report: {report}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

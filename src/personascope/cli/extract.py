@@ -63,7 +63,8 @@ def extract(
     config.check()
     handle = Placement(device, dtype, device_map).load(model)
     result = run_extract(config, out, handle=handle, progress=not quiet)
-    counts, best = result.summary, result.best_layer_stats()
+    counts, evaluation = result.summary, result.evaluation
+    held = evaluation.validation
     dropped = [f"{counts[key]} {what}" for key, what in (("empty_pairs", "with an empty response"),
                                                          ("rejected_pairs", "rejected by the judge")) if counts[key]]
     if judge == "none":
@@ -71,10 +72,12 @@ def extract(
     rows = [
         ("responses", f"{counts['responses']} ({counts['generated']} generated now)"),
         ("kept pairs", f"{counts['kept_pairs']} of {counts['pairs']}" + (f" ({'; '.join(dropped)})" * bool(dropped))),
-        ("best layer", str(result.evaluation.get("best_layer"))),
-        ("held-out AUROC", _number(best.get("auroc"))),
-        ("margin gain", _number(best.get("margin_gain"))),
-        ("best coef", _number(result.evaluation.get("best_coef"))),
+        ("best layer", f"{evaluation.best_layer} (chosen on {held.select_rows} held-out rows)"),
+        ("held-out AUROC", f"{_number(held.auroc)} on {held.report_rows} other rows"
+         + (f" (95% CI {held.auroc_low:.3f}-{held.auroc_high:.3f})" if held.auroc_low is not None else "")),
+        ("margin gain", _number(result.best_layer_stats().margin_gain)),
+        ("best coef", f"{evaluation.best_coef:.3f} ({evaluation.best_fraction:g} of the residual norm, "
+                      f"chosen by {evaluation.coef_source})"),
         ("vector", str(result.vector)),
         ("report", str(result.report)),
     ]
@@ -82,7 +85,7 @@ def extract(
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
-    for note in result.evaluation.get("notes", []):
+    for note in evaluation.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
 

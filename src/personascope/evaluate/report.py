@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import asdict
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from personascope.errors import PersonascopeError
+from personascope.evaluate.result import Evaluation, Projections
+from personascope.io.files import write_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; padding: 0 1em; }
@@ -36,15 +39,19 @@ def _figure_png(draw: Any) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
 
 
-def _by_layer(layers: list[dict[str, Any]], key: str, label: str, best: int) -> Any:
+def _by_layer(evaluation: Evaluation, key: str, label: str) -> Any:
     def draw(ax: Any) -> None:
-        points = [(e["layer"], e[key]) for e in layers if e.get(key) is not None]
+        layers, best = evaluation.layers, evaluation.best_layer
+        points = [(e.layer, getattr(e, key)) for e in layers if getattr(e, key) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3)
-        chosen = [(e["layer"], e[key]) for e in layers if e.get(key) is not None and e.get("eligible")]
+        chosen = [(e.layer, getattr(e, key)) for e in layers if getattr(e, key) is not None and e.eligible]
         ax.plot([p[0] for p in chosen], [p[1] for p in chosen], "o", ms=6, mfc="none", label="eligible (AUROC)")
-        ax.axvline(best, color="tab:red", ls="--", lw=1, label=f"best layer {best}")
         if key == "auroc":
+            reported = [(e.layer, e.report_auroc) for e in layers if e.report_auroc is not None]
+            ax.plot([p[0] for p in reported], [p[1] for p in reported], marker="x", ms=3, lw=0.8,
+                    label="report part")
             ax.axhline(0.5, color="grey", lw=0.8)
+        ax.axvline(best, color="tab:red", ls="--", lw=1, label=f"best layer {best}")
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.set_title(f"{label} by layer")
@@ -53,47 +60,58 @@ def _by_layer(layers: list[dict[str, Any]], key: str, label: str, best: int) -> 
     return draw
 
 
-def _histogram(projections: dict[str, Any]) -> Any:
+def _histogram(projections: Projections) -> Any:
     def draw(ax: Any) -> None:
         import numpy as np
 
-        bins = np.histogram_bin_edges(projections["pos"] + projections["neg"], bins=20)
-        ax.hist(projections["neg"], bins=bins, alpha=0.6, label="neg (trait-negative prompt)")
-        ax.hist(projections["pos"], bins=bins, alpha=0.6, label="pos (trait-positive prompt)")
-        ax.set_xlabel(f"projection on the unit vector at layer {projections['layer']}")
-        ax.set_ylabel("eval responses")
+        bins = np.histogram_bin_edges(projections.pos + projections.neg, bins=20)
+        ax.hist(projections.neg, bins=bins, alpha=0.6, label="neg (trait-negative prompt)")
+        ax.hist(projections.pos, bins=bins, alpha=0.6, label="pos (trait-positive prompt)")
+        ax.set_xlabel(f"projection on the unit vector at layer {projections.layer}")
+        ax.set_ylabel("eval responses (report part)")
         ax.set_title("Held-out projections (no system prompt)")
         ax.legend(fontsize=8)
 
     return draw
 
 
-def _sweep(sweep: list[dict[str, Any]], layer: int) -> Any:
+def _sweep(evaluation: Evaluation) -> Any:
     def draw(ax: Any) -> None:
-        xs = [0.0] + [e["fraction"] for e in sweep]  # no steering: no gain
+        curve = evaluation.curve
+        xs = [p.fraction for p in curve]
         for key, label in (("margin_gain", "margin gain"), ("pos_gain", "pos log-lik gain"),
-                           ("neg_gain", "neg log-lik gain")):
-            ax.plot(xs, [0.0] + [e[key] for e in sweep], marker="o", label=label)
+                           ("neg_gain", "neg log-lik gain"), ("loglik_drop", "unsteered log-lik drop")):
+            ax.plot(xs, [getattr(p, key) for p in curve], marker="o", label=label)
         ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(evaluation.best_fraction, color="tab:red", ls="--", lw=1, label="chosen")
         ax.set_xlabel("steering strength (fraction of the residual norm)")
         ax.set_ylabel("nats per token")
-        ax.set_title(f"Likelihood under steering at layer {layer}")
+        ax.set_title(f"Likelihood under steering at layer {evaluation.best_layer}")
         ax.legend(fontsize=8)
 
     return draw
 
 
-def _curve(curve: list[dict[str, Any]]) -> Any:
+def _coherence(evaluation: Evaluation) -> Any:
     def draw(ax: Any) -> None:
-        xs = [p["coef"] for p in curve]
-        ax.plot(xs, [p["trait"] for p in curve], marker="o", label="trait score")
-        ax.plot(xs, [p["coherence"] for p in curve], marker="s", label="coherence")
-        ax.axhline(75, color="grey", ls=":", lw=1)
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("steering coefficient")
-        ax.set_ylabel("judge score (0-100)")
-        ax.set_title("Judged steering curve")
-        ax.legend(fontsize=8)
+        curve = evaluation.curve
+        xs = [p.fraction for p in curve]
+        ax.plot(xs, [p.distinct_2 for p in curve], marker="o", label="distinct-2")
+        ax.plot(xs, [p.distinct_3 for p in curve], marker="o", label="distinct-3")
+        ax.plot(xs, [p.loop_answers / max(1, evaluation.counts.get("curve_questions", 1)) for p in curve],
+                marker="s", label="share of answers that loop")
+        if any(p.judge_coherence is not None for p in curve):
+            ax.plot(xs, [None if p.trait is None else p.trait / 100 for p in curve], marker="^",
+                    label="judged trait / 100")
+            ax.plot(xs, [None if p.judge_coherence is None else p.judge_coherence / 100 for p in curve],
+                    marker="v", label="judged coherence / 100")
+        failed = [p.fraction for p in curve if not p.coherent]
+        ax.plot(failed, [0.02] * len(failed), "x", color="tab:red", ms=9, label="not coherent")
+        ax.axvline(evaluation.best_fraction, color="tab:red", ls="--", lw=1, label="chosen")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("steering strength (fraction of the residual norm)")
+        ax.set_title("Coherence of steered answers")
+        ax.legend(fontsize=7)
 
     return draw
 
@@ -125,61 +143,73 @@ def _read_json(path: Path) -> Any:
         raise PersonascopeError(f"cannot read {path} ({exc}); rerun `personascope evaluate` on the run") from None
 
 
-def render_report(evaluation: dict[str, Any], config: dict[str, Any] | None = None, title: str = "") -> str:
+def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, title: str = "") -> str:
     """The report page for one evaluation (as `evaluate_run` returns it) and the run's config."""
-    best, trait = evaluation["best_layer"], evaluation["trait"]
+    best, trait, v = evaluation.best_layer, evaluation.trait, evaluation.validation
+    interval = "—" if v.auroc_low is None else f"{v.auroc_low:.3f}–{v.auroc_high:.3f}"
     parts = [f"<h1>Persona vector: {escape(trait)}</h1>",
-             f'<p class="sub">{escape(title or evaluation.get("model", ""))}</p>',
+             f'<p class="sub">{escape(title or evaluation.model)}</p>',
              "<h2>Choice</h2>",
-             _table([("best layer", best), ("best coefficient", evaluation["best_coef"]),
-                     ("as fraction of the residual norm", evaluation["best_fraction"]),
-                     ("coefficient chosen by", evaluation["coef_source"]), ("rule", evaluation["rule"]),
-                     ("judge", evaluation.get("judge", "none"))])]
-    parts += [f'<p class="note">{escape(n)}</p>' for n in evaluation.get("notes", [])]
-    layers = evaluation["layers"]
-    plots = [_figure_png(_by_layer(layers, "auroc", "held-out AUROC", best)),
-             _figure_png(_by_layer(layers, "margin_gain", f"margin gain at {layers[0]['fraction']:g}·norm", best)),
-             _figure_png(_histogram(evaluation["projections"])),
-             _figure_png(_sweep(evaluation["sweep"], best))]
-    if evaluation.get("steering_curve"):
-        plots.append(_figure_png(_curve(evaluation["steering_curve"])))
-    parts += ["<h2>Validation</h2>", '<div class="grid">', *plots, "</div>"]
-    if evaluation.get("steering_curve"):
-        parts += ["<h3>Steering curve</h3>",
-                  _table([(p["coef"], p["fraction"], p["trait"], p["coherence"], p["scored"], p["failed"])
-                          for p in evaluation["steering_curve"]],
-                         ("coef", "fraction", "trait", "coherence", "scored", "failed"))]
-    parts += [f"<h2>Examples (greedy, no system prompt; steered at layer {best}, "
-              f"coef {evaluation['best_coef']:.4g})</h2>",
-              _table([(e["question"], e["unsteered"], e["steered"]) for e in evaluation["examples"]],
+             _table([("best layer", best), ("best coefficient", evaluation.best_coef),
+                     ("as fraction of the residual norm", evaluation.best_fraction),
+                     ("coefficient chosen by", evaluation.coef_source), ("rule", evaluation.rule),
+                     ("judge", evaluation.judge)]),
+             "<h2>Honest validation</h2>",
+             f"<p>The held-out rows were split {escape(v.split)} (seed {v.seed}): {v.select_rows} rows of "
+             f"{len(v.select_questions)} questions chose the layer; the other {v.report_rows} rows, of "
+             f"{len(v.report_questions)} questions, report its AUROC.</p>",
+             _table([("AUROC at the best layer (report part)", v.auroc),
+                     (f"95% bootstrap interval ({v.resamples} resamples of the rows)", interval),
+                     ("selection questions", "; ".join(v.select_questions)),
+                     ("report questions", "; ".join(v.report_questions))])]
+    parts += [f'<p class="note">{escape(n)}</p>' for n in evaluation.notes]
+    plots = [_figure_png(_by_layer(evaluation, "auroc", "held-out AUROC (selection part)")),
+             _figure_png(_by_layer(evaluation, "margin_gain",
+                                   f"margin gain at {evaluation.layers[0].fraction:g}·norm")),
+             _figure_png(_histogram(evaluation.projections)),
+             _figure_png(_sweep(evaluation)),
+             _figure_png(_coherence(evaluation))]
+    parts += ["<h2>Validation</h2>", '<div class="grid">', *plots, "</div>",
+              "<h3>Steering curve at the best layer</h3>",
+              _table([(p.fraction, p.coef, p.margin_gain, p.distinct_2, p.distinct_3, p.loop_answers,
+                       p.longest_loop, p.loglik_drop, p.trait, p.judge_coherence, "yes" if p.coherent else "no")
+                      for p in evaluation.curve],
+                     ("fraction", "coef", "margin gain", "distinct-2", "distinct-3", "looping answers",
+                      "longest loop", "log-lik drop", "judged trait", "judged coherence", "coherent"))]
+    parts += [f"<h2>Examples (default decoding, no system prompt; steered at layer {best}, "
+              f"coef {evaluation.best_coef:.4g})</h2>",
+              _table([(e.question, e.unsteered, e.steered) for e in evaluation.examples],
                      ("question", "unsteered", "steered"), cls="answer"),
               "<h2>Layers</h2>",
-              _table([(e["layer"], e["auroc"], e["margin_gain"], e["coef"], e["residual_norm"], e["vector_norm"])
-                      for e in layers],
-                     ("layer", "AUROC", "margin gain", "coef", "residual norm", "vector norm")),
+              _table([(e.layer, e.auroc, e.report_auroc, e.margin_gain, e.coef, e.residual_norm, e.vector_norm)
+                      for e in evaluation.layers],
+                     ("layer", "AUROC (selection)", "AUROC (report)", "margin gain", "coef", "residual norm",
+                      "vector norm")),
               "<h2>Counts and timings</h2>",
-              _table([(k, v) for k, v in {**evaluation["counts"], **evaluation["timings"]}.items()])]
+              _table([(k, v) for k, v in {**evaluation.counts, **evaluation.timings}.items()])]
     if config:
         parts += ["<h2>Run configuration</h2>", _table(sorted(config.items()))]
-    parts += ["<h2>Evaluation settings</h2>", _table(sorted(evaluation["settings"].items()))]
+    parts += ["<h2>Evaluation settings</h2>", _table(sorted(asdict(evaluation.settings).items()))]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{escape(trait)} persona vector</title><style>{_STYLE}</style></head>\n<body>\n{body}\n"
             "</body></html>\n")
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write `DIR/report.html` from `DIR/eval.json` (and `DIR/manifest.json` for the run config); returns it."""
+def report_path(eval_path: Path) -> Path:
+    """`report.html` beside `eval.json`; `report.layers-TAG.html` beside `eval.layers-TAG.json`."""
+    return eval_path.with_name("report" + eval_path.name.removeprefix("eval").removesuffix(".json") + ".html")
+
+
+def write_report(run_dir: Path, eval_path: Path | None = None) -> Path:
+    """Write the report of `eval_path` (default `DIR/eval.json`; `DIR/manifest.json` gives the run config)
+    to `report_path(eval_path)`; returns it."""
     run_dir = Path(run_dir)
-    eval_path = run_dir / "eval.json"
+    eval_path = Path(eval_path) if eval_path is not None else run_dir / "eval.json"
     if not eval_path.exists():
-        raise PersonascopeError(f"{run_dir} has no eval.json: run `personascope evaluate {run_dir}` first")
-    evaluation = _read_json(eval_path)
+        raise PersonascopeError(f"{run_dir} has no {eval_path.name}: run `personascope evaluate {run_dir}` first")
+    evaluation = Evaluation.load(eval_path)
     manifest = run_dir / "manifest.json"
     config = _read_json(manifest).get("config") if manifest.exists() else None
-    html = render_report(evaluation, config, title=f"{evaluation.get('model', '')} · {run_dir.name}")
-    out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    html = render_report(evaluation, config, title=f"{evaluation.model} · {run_dir.name}")
+    return write_text(report_path(eval_path), html)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from personascope.errors import PersonascopeError
+from personascope.evaluate.choice import bootstrap_auroc, choose_strength, margin_grid, split_by_question
+from personascope.evaluate.coherence import MAX_LOGLIK_DROP, MIN_DISTINCT_RATIO, coherent, plain_loglik, repetition
+from personascope.evaluate.result import (
+    Baseline,
+    CurvePoint,
+    EvalSettings,
+    Evaluation,
+    Example,
+    LayerEval,
+    Projections,
+    Validation,
+)
 from personascope.evaluate.separation import (
     auroc,
     eval_labels,
@@ -20,14 +30,9 @@ from personascope.evaluate.separation import (
     scan_projections,
     spread,
 )
-from personascope.evaluate.steering import (
-    MIN_COHERENCE,
-    best_judged,
-    steered_answers,
-    steering_curve,
-)
+from personascope.evaluate.steering import MIN_COHERENCE, judge_answers, steered_answers
 from personascope.inference.activations import EncodedChat
-from personascope.inference.generate import SamplingConfig, generate_responses
+from personascope.inference.generate import SamplingConfig, default_decoding, generate_responses
 from personascope.inference.likelihood import response_loglik
 from personascope.io.files import write_json
 from personascope.io.layers import check_layer
@@ -44,36 +49,6 @@ WEAK_AUROC = 0.6
 """Below this held-out AUROC at every layer, the evaluation warns that the vector hardly tracks the trait."""
 
 
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Knobs of an evaluation; the defaults keep the embedded model's run to a few minutes on a CPU.
-
-    Attributes:
-        margin_pairs: pos and neg responses (each) scored for the likelihood margin, spread over the eval rows.
-        margin_tokens: leading response tokens scored per response.
-        fraction: the fraction of the residual norm at which every candidate layer's margin gain is measured.
-        sweep_fractions: fractions measured at the chosen layer to pick the judge-free coefficient.
-        grid_size: about how many layers get a margin measurement before refining around the best.
-        judge_fractions: steering-curve coefficients, as fractions of the chosen layer's residual norm.
-        judge_max_new_tokens: tokens per steered answer on the curve.
-        examples: eval questions answered unsteered and steered (greedy) for the report.
-        example_max_new_tokens: tokens per example answer.
-        token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
-    """
-
-    margin_pairs: int = 8
-    margin_tokens: int = 48
-    fraction: float = 0.5
-    sweep_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
-    grid_size: int = 10
-    judge_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
-    judge_max_new_tokens: int = 64
-    examples: int = 3
-    example_max_new_tokens: int = 40
-    token_budget: int = 2048
-
-
 class _MarginSweep:
     """Margin gains at chosen layers and fractions of the residual norm, against one unsteered baseline."""
 
@@ -82,7 +57,7 @@ class _MarginSweep:
                  advance: Callable[[int], None]) -> None:
         self.handle, self.vector, self.norms, self.settings = handle, vector, norms, settings
         self.chats, self.split, self.advance = [*pos, *neg], len(pos), advance
-        self.results: dict[int, dict[float, dict[str, float]]] = {}
+        self.results: dict[int, dict[float, tuple[float, float, float]]] = {}  # (margin, pos, neg) gains
         first = next(iter(norms))
         self.baseline = self._means(self._loglik(first, [0.0])[0])
 
@@ -90,9 +65,9 @@ class _MarginSweep:
         return response_loglik(self.handle, self.vector, layer, coefs, self.chats,
                                token_budget=self.settings.token_budget, advance=self.advance)
 
-    def _means(self, ll: Tensor) -> dict[str, float]:
+    def _means(self, ll: Tensor) -> Baseline:
         pos, neg = float(ll[: self.split].mean()), float(ll[self.split:].mean())
-        return {"pos_ll": pos, "neg_ll": neg, "margin": pos - neg}
+        return Baseline(pos, neg, pos - neg)
 
     def coef(self, layer: int, fraction: float) -> float:
         return fraction * self.norms[layer] / float(self.vector.directions[layer].norm())
@@ -103,18 +78,13 @@ class _MarginSweep:
             return
         ll = self._loglik(layer, [self.coef(layer, f) for f in todo])
         for k, fraction in enumerate(todo):
-            m = self._means(ll[k])
-            self.results.setdefault(layer, {})[fraction] = {
-                "fraction": fraction,
-                "coef": self.coef(layer, fraction),
-                "margin_gain": m["margin"] - self.baseline["margin"],
-                "pos_gain": m["pos_ll"] - self.baseline["pos_ll"],
-                "neg_gain": m["neg_ll"] - self.baseline["neg_ll"],
-            }
+            m, b = self._means(ll[k]), self.baseline
+            self.results.setdefault(layer, {})[fraction] = (m.margin - b.margin, m.pos_ll - b.pos_ll,
+                                                            m.neg_ll - b.neg_ll)
 
     def gain(self, layer: int) -> float | None:
         entry = self.results.get(layer, {}).get(self.settings.fraction)
-        return None if entry is None else entry["margin_gain"]
+        return None if entry is None else entry[0]
 
     def search(self, grid: Sequence[int], eligible: Sequence[int], refine: bool) -> int:
         """Measure `grid` (then the neighbours of its best when `refine`); the eligible layer with the top gain."""
@@ -147,7 +117,7 @@ def _candidate_layers(handle: ModelHandle, vector: PersonaVector, layers: Sequen
 
 
 def _margin_chats(
-    chats: Sequence[EncodedChat], labels: Tensor, settings: EvalSettings
+    chats: Sequence[EncodedChat], labels: Sequence[bool], settings: EvalSettings
 ) -> tuple[list[EncodedChat], list[EncodedChat]]:
     """Up to `margin_pairs` pos and neg chats, spread over the eval rows, cut to `margin_tokens` response tokens."""
     short = [EncodedChat(c.id, c.ids[: c.prompt_len + settings.margin_tokens], c.prompt_len) for c in chats]
@@ -156,39 +126,35 @@ def _margin_chats(
     return pos, neg
 
 
-def _grid(candidates: list[int], aurocs: dict[int, float], default: bool, size: int) -> tuple[list[int], bool]:
-    """The layers whose margin is measured first, and whether to refine around the best of them.
+def _curve(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, judge: Judge | None, layer: int,
+           sweep: _MarginSweep, questions: list[str], settings: EvalSettings, progress: bool
+           ) -> tuple[list[CurvePoint], list[list[str]]]:
+    """Answers to `questions` unsteered and at each strength, decoded as `personascope generate` decodes by default,
+    with their trait and coherence measures."""
+    fractions = [0.0, *sorted(settings.fractions)]
+    decoding = default_decoding(handle, max_new_tokens=settings.curve_max_new_tokens)  # as `generate` answers
+    answers = [steered_answers(handle, questions, vector=vector, layer=layer, coef=sweep.coef(layer, f),
+                               sampling=decoding, progress=progress) for f in fractions]
+    plain = repetition(answers[0])
+    plain_ll = plain_loglik(handle, questions, answers[0], token_budget=settings.token_budget)
+    points = []
+    for fraction, texts in zip(fractions, answers):
+        gains = sweep.results[layer].get(fraction, (0.0, 0.0, 0.0))
+        measured = repetition(texts)
+        ll = plain_ll if fraction == 0 else plain_loglik(handle, questions, texts, token_budget=settings.token_budget)
+        judged = judge_answers(judge, trait, questions, texts, progress=progress) if judge is not None else None
+        ok = coherent(measured, plain_ll - ll, plain) and (judged is None or judged.keeps_coherence())
+        points.append(CurvePoint(
+            fraction, sweep.coef(layer, fraction), *gains, measured.distinct_2, measured.distinct_3,
+            measured.loop_answers, measured.longest_loop, ll, plain_ll - ll, ok,
+            *((judged.trait, judged.coherence, judged.scored, judged.failed) if judged else ()),
+        ))
+    return points, answers
 
-    Explicitly chosen layers are all measured; by default every `stride`-th layer (about `size` of them) and
-    the best-AUROC layer, then the neighbours of the best (so with stride 3 every layer near it is measured).
-    """
-    if not default:
-        return candidates, False
-    stride = max(1, math.ceil(len(candidates) / size))
-    return sorted({*candidates[::stride], max(candidates, key=aurocs.__getitem__)}), stride > 1
 
-
-def _judge_free_choice(at_best: list[dict[str, Any]], fraction: float, layer: int) -> tuple[dict[str, Any], list[str]]:
-    """Of the fractions measured at the chosen layer, the one with the largest pos log-likelihood gain among those
-    that raise the margin (stronger steering starts to break the text and lowers it)."""
-    raising = [e for e in at_best if e["margin_gain"] > 0]
-    if raising:
-        return max(raising, key=lambda e: e["pos_gain"]), []
-    fallback = next(e for e in at_best if e["fraction"] == fraction)
-    return fallback, [f"steering toward the trait did not raise the likelihood margin at layer {layer}"]
-
-
-def _evaluate(
-    handle: ModelHandle,
-    vector: PersonaVector,
-    trait: TraitSpec,
-    rows: Sequence[dict[str, Any]],
-    *,
-    judge: Judge | None,
-    layers: Sequence[int] | None,
-    settings: EvalSettings,
-    progress: bool,
-) -> dict[str, Any]:
+def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows: Sequence[dict[str, Any]], *,
+              judge: Judge | None, layers: Sequence[int] | None, settings: EvalSettings,
+              progress: bool) -> Evaluation:
     vector.check_model(handle)
     timings: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -200,92 +166,95 @@ def _evaluate(
 
     candidates = _candidate_layers(handle, vector, layers)
     labels = eval_labels(rows)
+    split = split_by_question(rows, settings.split_seed)
     chats = plain_chats(handle, rows)
     projections, norm_tensor = scan_projections(handle, vector, chats, candidates, progress)
-    aurocs = {l: auroc(projections[:, i], labels) for i, l in enumerate(candidates)}
+    sel, rep = split.select, split.report
+    aurocs = {l: auroc(projections[sel, i], labels[sel]) for i, l in enumerate(candidates)}
+    reported = {l: auroc(projections[rep, i], labels[rep]) for i, l in enumerate(candidates)}
     norms = {l: float(norm_tensor[i]) for i, l in enumerate(candidates)}
     lap("separation_s")
 
     top = max(aurocs.values())
     eligible = [l for l in candidates if aurocs[l] >= top - AUROC_TOLERANCE]
-    pos, neg = _margin_chats(chats, labels, settings)
-    grid, refine = _grid(candidates, aurocs, layers is None, settings.grid_size)
-    total = (1 + len(grid) + 2 * refine + len(settings.sweep_fractions)) * (len(pos) + len(neg))
+    pos, neg = _margin_chats([chats[i] for i in sel], [bool(labels[i]) for i in sel], settings)
+    grid, refine = margin_grid(candidates, aurocs, layers is None, settings.grid_size)
+    total = (1 + len(grid) + 2 * refine + len(settings.fractions)) * (len(pos) + len(neg))
     with progress_bar(total, "Likelihood margin", enabled=progress) as bar:
         sweep = _MarginSweep(handle, vector, pos, neg, norms, settings, lambda n: bar.advance(0, n))
         best = sweep.search(grid, eligible, refine)
-        sweep.measure(best, settings.sweep_fractions)
+        sweep.measure(best, settings.fractions)
         bar.update(0, completed=total)
-    at_best = sorted(sweep.results[best].values(), key=lambda e: e["fraction"])
-    chosen, notes = _judge_free_choice(at_best, settings.fraction, best)
-    if top < WEAK_AUROC:
-        notes.append(f"held-out AUROC is at most {top:.2f} at every layer: the vector barely separates trait-positive "
-                     "from trait-negative responses, so the model hardly shows the trait under its system prompts; "
-                     "a judge (--judge) keeping only pairs that show it, more --samples, or a larger model may help")
+    notes = [] if not split.shared else [
+        "the held-out rows could not be split by question (too few questions, or a part without pos or neg "
+        "rows): the same rows chose the layer and report its AUROC"]
+    if max(reported.values()) < WEAK_AUROC:
+        notes.append(f"held-out AUROC is at most {max(reported.values()):.2f} at every layer: the vector barely "
+                     "separates trait-positive from trait-negative responses, so the model hardly shows the trait "
+                     "under its system prompts; a judge (--judge) keeping only pairs that show it, more --samples, "
+                     "or a larger model may help")
     lap("margin_s")
 
-    curve, coef_source = None, "margin"
-    if judge is not None:
-        curve = steering_curve(handle, vector, trait, judge, best,
-                               [sweep.coef(best, f) for f in settings.judge_fractions],
-                               max_new_tokens=settings.judge_max_new_tokens, progress=progress)
-        for point, fraction in zip(curve, settings.judge_fractions):
-            point["fraction"] = fraction
-        pick = best_judged(curve)
-        if pick is None:
-            notes.append(f"no steering coefficient kept mean coherence >= {MIN_COHERENCE:g}; kept the margin's choice")
-        else:
-            chosen, coef_source = pick, "judge"
-        lap("steering_curve_s")
-
-    questions = list(trait.eval_questions[: settings.examples])
-    plain = steered_answers(handle, questions, max_new_tokens=settings.example_max_new_tokens, progress=progress)
-    steered = steered_answers(handle, questions, vector=vector, layer=best, coef=chosen["coef"],
-                              max_new_tokens=settings.example_max_new_tokens, progress=progress)
-    lap("examples_s")
-    timings["total_s"] = round(time.perf_counter() - start, 2)
+    chosen_questions = set(split.select_questions)
+    questions = [q for q in trait.eval_questions if q in chosen_questions] or list(trait.eval_questions)
+    questions = questions[: settings.curve_questions]
+    curve, answers = _curve(handle, vector, trait, judge, best, sweep, questions, settings, progress)
+    pick = choose_strength(curve, judge is not None)
+    if pick is None:
+        pick = curve[1]
+        notes.append(f"no steering strength at layer {best} kept the answers coherent with a trait gain; "
+                     f"recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
+    lap("curve_s")
 
     column = candidates.index(best)
-    return {
-        "trait": trait.name,
-        "model": handle.name,
-        "best_layer": best,
-        "best_coef": chosen["coef"],
-        "best_fraction": chosen["fraction"],
-        "coef_source": coef_source,
-        "rule": (f"layer: highest margin gain at {settings.fraction:g} of the residual norm among layers with "
-                 f"AUROC >= max - {AUROC_TOLERANCE:g}; coef: "
-                 + (f"highest judged trait score with coherence >= {MIN_COHERENCE:g}" if coef_source == "judge"
-                    else "largest pos log-likelihood gain among fractions that raise the margin")),
-        "notes": notes,
-        "baseline": sweep.baseline,
-        "layers": [
-            {
-                "layer": l,
-                "auroc": aurocs[l],
-                "margin_gain": sweep.gain(l),
-                "fraction": settings.fraction,
-                "coef": sweep.coef(l, settings.fraction),
-                "residual_norm": norms[l],
-                "vector_norm": float(vector.directions[l].norm()),
-                "eligible": l in eligible,
-            }
-            for l in candidates
-        ],
-        "sweep": at_best,
-        "steering_curve": curve,
-        "projections": {
-            "layer": best,
-            "pos": [round(float(v), 4) for v in projections[labels, column]],
-            "neg": [round(float(v), 4) for v in projections[~labels, column]],
-        },
-        "examples": [{"question": q, "unsteered": a, "steered": b} for q, a, b in zip(questions, plain, steered)],
-        "counts": {"eval_pos": int(labels.sum()), "eval_neg": int((~labels).sum()),
-                   "margin_pos": len(pos), "margin_neg": len(neg)},
-        "settings": asdict(settings),
-        "judge": judge.spec if judge is not None else "none",
-        "timings": timings,
-    }
+    labels_rep = labels[rep]
+    low, high = bootstrap_auroc(projections[rep, column], labels_rep, settings.bootstrap, settings.split_seed)
+    chosen_answers = answers[curve.index(pick)]
+    timings["total_s"] = round(time.perf_counter() - start, 2)
+    coherence_rule = (f"no more looping answers than unsteered, distinct-2 >= {MIN_DISTINCT_RATIO:g} of unsteered, "
+                      f"unsteered log-likelihood drop <= {MAX_LOGLIK_DROP:g} nats/token"
+                      + (f", judged coherence >= {MIN_COHERENCE:g}" * bool(judge)))
+    return Evaluation(
+        trait=trait.name, model=handle.name, judge=judge.spec if judge is not None else "none",
+        best_layer=best, best_coef=pick.coef, best_fraction=pick.fraction,
+        coef_source="judge" if judge is not None else "coherence",
+        rule=(f"layer: highest margin gain at {settings.fraction:g} of the residual norm among layers with "
+              f"selection-part AUROC >= max - {AUROC_TOLERANCE:g}; coef: the strongest of the curve's strengths "
+              f"that, with every weaker one, stays coherent ({coherence_rule}) and "
+              + ("has the highest judged trait score above the unsteered answers'" if judge is not None
+                 else "raises the likelihood margin")),
+        notes=notes,
+        validation=Validation("by question", settings.split_seed, split.select_questions, split.report_questions,
+                              len(sel), len(rep), reported[best], low, high, settings.bootstrap),
+        baseline=sweep.baseline,
+        layers=[LayerEval(l, aurocs[l], reported[l], sweep.gain(l), settings.fraction, sweep.coef(l, settings.fraction),
+                          norms[l], float(vector.directions[l].norm()), l in eligible) for l in candidates],
+        curve=curve,
+        projections=Projections(best, [round(float(v), 4) for v in projections[rep, column][labels_rep]],
+                                [round(float(v), 4) for v in projections[rep, column][~labels_rep]]),
+        examples=[Example(q, a, b) for q, a, b in zip(questions, answers[0], chosen_answers)][: settings.examples],
+        counts={"eval_pos": int(labels.sum()), "eval_neg": int((~labels).sum()), "margin_pos": len(pos),
+                "margin_neg": len(neg), "curve_questions": len(questions)},
+        settings=settings, timings=timings,
+    )
+
+
+def layers_tag(layers: Sequence[int]) -> str:
+    """`6-10_12` for layers 6..10 and 12: the tag of `eval.layers-TAG.json`."""
+    parts, run = [], [layers[0]]
+    for layer in [*layers[1:], None]:
+        if layer is not None and layer == run[-1] + 1:
+            run.append(layer)
+            continue
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [layer] if layer is not None else []
+    return "_".join(parts)
+
+
+def eval_path(run_dir: Path, layers: Sequence[int] | None) -> Path:
+    """Where an evaluation of a run is written: `eval.json` for the full sweep, `eval.layers-TAG.json` for chosen
+    layers (beside it, never over it)."""
+    return Path(run_dir) / ("eval.json" if layers is None else f"eval.layers-{layers_tag(sorted(set(layers)))}.json")
 
 
 def evaluate_run(
@@ -297,21 +266,23 @@ def evaluate_run(
     layers: Sequence[int] | None = None,
     settings: EvalSettings | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Validate a run's vector on its eval split and choose the best layer and coefficient; writes `DIR/eval.json`.
+    out: Path | None = None,
+) -> Evaluation:
+    """Validate a run's vector on its eval split and choose the best layer and coefficient; writes `out`
+    (default `eval_path(run_dir, layers)`: `DIR/eval.json`, or `DIR/eval.layers-TAG.json` when `layers` are given).
 
     Args:
         run_dir: a run directory of `personascope extract` (`trait.json`, `responses.jsonl`, `vectors/`).
-        judge: a judge for the steering curve; None measures only what needs no judge.
+        judge: a judge that also scores the steering curve's answers; None measures only what needs no judge.
         vector_path: the vector to evaluate (default `DIR/vectors/response_avg.safetensors`).
         layers: layers to evaluate (default 1..L-1, margin on a coarse grid refined around the best).
 
     Returns:
-        The evaluation (`best_layer`, `best_coef`, `best_fraction`, `layers`, `steering_curve`, …) as written.
+        The evaluation as written.
 
     Example:
         >>> result = evaluate_run(Path("runs/humorous"), load_model())
-        >>> result["best_layer"], result["best_coef"]
+        >>> result.best_layer, result.best_coef, result.validation.auroc
     """
     run_dir = Path(run_dir)
     trait_path = run_dir / "trait.json"
@@ -326,9 +297,9 @@ def evaluate_run(
     rows, empty = read_eval_rows(run_dir / "responses.jsonl")
     result = _evaluate(handle, vector, trait, rows, judge=judge, layers=layers,
                        settings=settings or EvalSettings(), progress=progress)
-    result["vector"] = str(path)
-    result["counts"]["eval_empty_skipped"] = empty
-    write_json(run_dir / "eval.json", result)
+    result.vector = str(path)
+    result.counts["eval_empty_skipped"] = empty
+    write_json(out if out is not None else eval_path(run_dir, layers), result)
     return result
 
 
@@ -344,7 +315,7 @@ def evaluate_vector(
     seed: int = 0,
     settings: EvalSettings | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Validate a bare vector file: answer the trait's eval questions under its first `pairs` pos and neg system
     prompts (sampled, `max_new_tokens` each, as `personascope extract` plans them), then evaluate as
     `evaluate_run` does. Nothing is written."""
@@ -357,5 +328,5 @@ def evaluate_vector(
     rows = [{**r, "response": a.text} for r, a in zip(planned, answers) if a.text.strip()]
     result = _evaluate(handle, vector, trait, rows, judge=judge, layers=layers,
                        settings=settings or EvalSettings(), progress=progress)
-    result["counts"]["eval_empty_skipped"] = len(planned) - len(rows)
+    result.counts["eval_empty_skipped"] = len(planned) - len(rows)
     return result

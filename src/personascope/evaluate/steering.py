@@ -1,10 +1,10 @@
-"""Steered generation for evaluation: greedy answers steered at a layer, and the judged steering curve."""
+"""Steered generation for evaluation: answers steered at a layer, and a judge's view of them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
 
 from personascope.errors import PersonascopeError
 from personascope.hooks import steer
@@ -26,11 +26,13 @@ def steered_answers(
     layer: int | None = None,
     coef: float = 0.0,
     max_new_tokens: int = 64,
+    sampling: SamplingConfig | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy answers to `questions` (no system prompt), steered at `layer` by `coef` when a vector is given."""
+    """Answers to `questions` (no system prompt), steered at `layer` by `coef` when a vector is given; greedy
+    with `max_new_tokens` unless `sampling` says otherwise."""
     requests = [(f"q{i:03d}", handle.chat_ids([{"role": "user", "content": q}])) for i, q in enumerate(questions)]
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     if vector is None:
         steering, label = nullcontext(), "Unsteered answers"
     elif layer is None:
@@ -48,39 +50,25 @@ def mean_score(values: Sequence[float | None]) -> float | None:
     return sum(scored) / len(scored) if scored else None
 
 
-def steering_curve(
-    handle: ModelHandle,
-    vector: PersonaVector,
-    trait: TraitSpec,
-    judge: Judge,
-    layer: int,
-    coefs: Sequence[float],
-    *,
-    max_new_tokens: int = 64,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """The paper's steering curve: for each coefficient, greedy answers to the trait's eval questions steered at
-    `layer`, judged for the trait and for coherence. Returns `[{coef, trait, coherence, scored, failed}]`."""
-    questions = list(trait.eval_questions)
-    curve = []
-    for coef in coefs:
-        answers = steered_answers(handle, questions, vector=vector, layer=layer, coef=coef,
-                                  max_new_tokens=max_new_tokens, progress=progress)
-        pairs = list(zip(questions, answers))
-        trait_scores = judge_trait(judge, trait, pairs, progress=progress)
-        coherence = judge_coherence(judge, pairs, progress=progress)
-        curve.append({
-            "coef": float(coef),
-            "trait": mean_score([r.score for r in trait_scores]),
-            "coherence": mean_score([r.score for r in coherence]),
-            "scored": sum(r.score is not None for r in trait_scores),
-            "failed": sum(r.error is not None for r in [*trait_scores, *coherence]),
-        })
-    return curve
+@dataclass(frozen=True)
+class Judged:
+    """A judge's mean trait and coherence scores (0-100) of some answers, how many were scored and failed."""
+
+    trait: float | None
+    coherence: float | None
+    scored: int
+    failed: int
+
+    def keeps_coherence(self, min_coherence: float = MIN_COHERENCE) -> bool:
+        return self.coherence is not None and self.coherence >= min_coherence
 
 
-def best_judged(curve: Sequence[dict[str, Any]], min_coherence: float = MIN_COHERENCE) -> dict[str, Any] | None:
-    """The curve point with the highest trait score among those with mean coherence ≥ `min_coherence`."""
-    kept = [p for p in curve if p["trait"] is not None and p["coherence"] is not None
-            and p["coherence"] >= min_coherence]
-    return max(kept, key=lambda p: (p["trait"], -abs(p["coef"]))) if kept else None
+def judge_answers(judge: Judge, trait: TraitSpec, questions: Sequence[str], answers: Sequence[str], *,
+                  progress: bool = True) -> Judged:
+    """Score (question, answer) pairs for the trait and for coherence, as the paper's steering curve does."""
+    pairs = list(zip(questions, answers))
+    trait_scores = judge_trait(judge, trait, pairs, progress=progress)
+    coherence = judge_coherence(judge, pairs, progress=progress)
+    return Judged(mean_score([r.score for r in trait_scores]), mean_score([r.score for r in coherence]),
+                  sum(r.score is not None for r in trait_scores),
+                  sum(r.error is not None for r in [*trait_scores, *coherence]))

@@ -16,23 +16,50 @@ from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
 from personascope.model.batching import left_pad, memory_hint, plan_batches
 
+DEFAULT_REPETITION_PENALTY = 1.2
+"""Repetition penalty of `default_decoding` when the model's generation config sets none: enough to stop greedy
+loops ("yer old yer old yer old") under strong steering without changing ordinary answers much."""
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to decode: `temperature == 0` is greedy."""
+    """How to decode: `temperature == 0` is greedy; `repetition_penalty` > 1 discourages repeating tokens
+    (1.0: none, always passed, so a model's generation config cannot add one silently)."""
 
     max_new_tokens: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.max_new_tokens < 1:
             raise PersonascopeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise PersonascopeError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+        common = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
         if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **common}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, **common}
+
+
+def default_decoding(handle: ModelHandle, *, max_new_tokens: int = 200, seed: int = 0) -> SamplingConfig:
+    """The decoding `personascope generate` (and a server) use when the user asks for none.
+
+    The model's generation config's sampling settings when it samples (`do_sample` with its `temperature` and
+    `top_p`), greedy otherwise; its `repetition_penalty` when above 1, else `DEFAULT_REPETITION_PENALTY`. Pure
+    greedy is `SamplingConfig(temperature=0)` (`generate --greedy`).
+    """
+    config = handle.model.generation_config
+    sampling = bool(getattr(config, "do_sample", False)) and (getattr(config, "temperature", None) or 0) > 0
+    penalty = getattr(config, "repetition_penalty", None) or 1.0
+    return SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=float(config.temperature) if sampling else 0.0,
+        top_p=float(getattr(config, "top_p", None) or 1.0) if sampling else 1.0,
+        seed=seed,
+        repetition_penalty=float(penalty) if penalty > 1 else DEFAULT_REPETITION_PENALTY,
+    )
 
 
 @dataclass(frozen=True)
@@ -163,21 +190,23 @@ class _CallbackStreamer(TextStreamer):
 def stream_chat(
     handle: ModelHandle,
     messages: list[dict[str, str]],
+    sampling: SamplingConfig | None = None,
     *,
-    max_new_tokens: int = 200,
-    temperature: float = 0.0,
-    seed: int = 0,
     on_text: Callable[[str], None],
 ) -> str:
-    """Generate one chat response, passing text to `on_text` as it is produced; returns the whole response."""
+    """Generate one chat response, passing text to `on_text` as it is produced; returns the whole response.
+
+    `sampling` defaults to `default_decoding(handle)`.
+    """
     prompt = handle.chat_ids(messages)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    sampling = sampling if sampling is not None else default_decoding(handle)
+    max_new_tokens = sampling.max_new_tokens
     if handle.max_length and len(prompt) + max_new_tokens > handle.max_length:
         raise PersonascopeError(
             f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context length "
             f"{handle.max_length}"
         )
-    torch.manual_seed(seed)
+    torch.manual_seed(sampling.seed)
     ids = torch.tensor([prompt], device=handle.device)
     with torch.inference_mode():
         out = handle.model.generate(
