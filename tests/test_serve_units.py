@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from personascope.errors import PersonascopeError
-from personascope.extract.pipeline import _alert_metadata
+from personascope.extract.pipeline import alert_metadata
 from personascope.model.loading import ModelHandle
 from personascope.serve.decode import RowSampling, TextStream, next_tokens
 from personascope.serve.registry import Registry, alert_threshold
@@ -49,11 +50,21 @@ def test_next_tokens_greedy_and_seeded_sampling() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9], [0.0, 0.0, 5.0]])
     greedy, warm, narrow = RowSampling(temperature=0), RowSampling(temperature=1.5, seed=7), \
         RowSampling(temperature=1.0, top_p=0.01, seed=1)
-    first = next_tokens(logits, [greedy, warm, narrow], [None, warm.generator(), narrow.generator()])
-    again = next_tokens(logits, [greedy, warm, narrow], [None, warm.generator(), narrow.generator()])
+    first = next_tokens(logits, [greedy, warm, narrow], [None, warm.generator(), narrow.generator()], [[1], [], []])
+    again = next_tokens(logits, [greedy, warm, narrow], [None, warm.generator(), narrow.generator()], [[1], [], []])
     assert first == again and first[0] == 1 and first[2] == 2  # top_p this small keeps only the most likely
-    draws = {next_tokens(logits[1:2], [RowSampling(seed=s)], [RowSampling(seed=s).generator()])[0] for s in range(40)}
+    draws = {next_tokens(logits[1:2], [RowSampling(seed=s)], [RowSampling(seed=s).generator()], [[]])[0]
+             for s in range(40)}
     assert draws == {0, 1, 2}
+
+
+def test_repetition_penalty_steers_greedy_away_from_seen_tokens() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.0], [-1.0, -3.0, -1.5]])
+    plain, penalised = RowSampling(temperature=0), RowSampling(temperature=0, repetition_penalty=2.0)
+    assert next_tokens(logits, [plain, plain], [None, None], [[1], [0]]) == [1, 0]  # no penalty: seen or not
+    # 3.0 / 2 < 2.0 and -1.0 * 2 < -1.5: each row's seen token loses to the next best one
+    assert next_tokens(logits, [penalised, penalised], [None, None], [[1], [0]]) == [2, 2]
+    assert next_tokens(logits, [penalised], [None], [[0, 2]])[0] == 1
 
 
 def _vector(meta: dict[str, str], means: bool = False) -> PersonaVector:
@@ -77,10 +88,22 @@ def test_alert_threshold_rules() -> None:
 
 
 def test_extraction_writes_the_held_out_midpoint() -> None:
-    evaluation = {"best_layer": 3, "projections": {"layer": 3, "pos": [4.0, 6.0], "neg": [0.0, 2.0]},
-                  "layers": [{"layer": 2, "auroc": 0.7}, {"layer": 3, "auroc": 0.95}]}
-    assert _alert_metadata(evaluation) == {"alert_threshold": "3", "auroc": "0.9500"}
-    assert _alert_metadata({"best_layer": 3}) == {}
+    from personascope.evaluate.result import Baseline, EvalSettings, Evaluation, LayerEval, Projections, Validation
+
+    def layer(index: int, auroc: float) -> LayerEval:
+        return LayerEval(index, auroc, None, 0.1, 0.5, 1.0, 10.0, 2.0, True)
+
+    validation = Validation("question", 0, ["q1"], ["q2"], 4, 4, None, None, None, 0)
+    evaluation = Evaluation(
+        trait="t", model="m", judge="none", best_layer=3, best_coef=1.0, best_fraction=0.5, coef_source="margin",
+        rule="", notes=[], validation=validation, baseline=Baseline(0.0, 0.0, 0.0), layers=[layer(2, 0.7), layer(3, 0.95)],
+        curve=[], projections=Projections(3, [4.0, 6.0], [0.0, 2.0]), examples=[], counts={}, settings=EvalSettings(),
+        timings={})
+    assert alert_metadata(evaluation) == {"alert_threshold": "3", "auroc": "0.9500"}
+    reported = dataclasses.replace(evaluation, validation=dataclasses.replace(validation, auroc=0.8))
+    assert alert_metadata(reported)["auroc"] == "0.8000"  # the rows that did not choose the layer, when split
+    elsewhere = dataclasses.replace(evaluation, projections=Projections(2, [4.0], [0.0]))
+    assert "alert_threshold" not in alert_metadata(elsewhere)
 
 
 def test_registry_overrides_and_refusals(tiny_llama, tmp_path) -> None:

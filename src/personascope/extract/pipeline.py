@@ -329,7 +329,7 @@ def recommend_vector(run: Path, evaluation: Evaluation) -> Path:
         return path
     vector = PersonaVector.load(run / "vectors" / "response_avg.safetensors")
     vector.metadata.update(best_layer=str(evaluation.best_layer), best_coef=f"{evaluation.best_coef:g}")
-    vector.metadata.update(_alert_metadata(evaluation))
+    vector.metadata.update(alert_metadata(evaluation))
     _clear_after(run, "vector.safetensors")
     return vector.save(path)
 
@@ -337,7 +337,7 @@ def recommend_vector(run: Path, evaluation: Evaluation) -> Path:
 # -- serving: alert threshold and separation for `personascope serve` --------------------------------------
 
 
-def _alert_metadata(evaluation: Evaluation) -> dict[str, str]:
+def alert_metadata(evaluation: Evaluation) -> dict[str, str]:
     """`alert_threshold`: the midpoint between the mean held-out response projections of trait-positive and
     trait-negative answers at the best layer; `auroc`: their separation there (on the rows that did not choose the
     layer, when the held-out questions were split)."""

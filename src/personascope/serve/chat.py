@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from personascope.inference.generate import default_decoding
+from personascope.model import ModelHandle
 from personascope.serve.decode import RowSampling
 from personascope.serve.jobs import SteerOp
 from personascope.serve.protocol import APIError, ChatRequest, Limits, Message
@@ -66,6 +68,22 @@ def _unknown(name: str, registry: Registry) -> str:
     return f"unknown vector {name!r}: registered vectors are {', '.join(registry.names) or 'none'}"
 
 
+def row_sampling(handle: ModelHandle, req: ChatRequest, max_tokens: int, stops: tuple[str, ...]) -> RowSampling:
+    """The request's decoding; what it leaves out comes from `default_decoding` (the model's sampling settings with
+    a repetition penalty against loops). `temperature: 0` asks for pure greedy: no penalty unless one is given."""
+    default = default_decoding(handle)
+    greedy = req.temperature == 0
+    penalty = req.repetition_penalty or (1.0 if greedy else default.repetition_penalty)
+    return RowSampling(
+        max_tokens=max_tokens,
+        temperature=default.temperature if req.temperature is None else req.temperature,
+        top_p=default.top_p if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=stops,
+        repetition_penalty=penalty,
+    )
+
+
 def plan(req: ChatRequest, registry: Registry, limits: Limits, served: str) -> Plan:
     """Check `req` against the registry, the limits and the model's context; 4xx `APIError` when it fails."""
     check_model(req.model, served)
@@ -106,8 +124,7 @@ def plan(req: ChatRequest, registry: Registry, limits: Limits, served: str) -> P
     if context and len(prompt_ids) + max_tokens > context:
         raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                        f"model's context length of {context}", param="messages", code="context_length_exceeded")
-    sampling = RowSampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                           stop=tuple(stops))
+    sampling = row_sampling(handle, req, max_tokens, tuple(stops))
     return Plan(messages, prompt_ids, sampling, tuple(steer), names, trace)
 
 

@@ -19,6 +19,7 @@ class RowSampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     def generator(self) -> torch.Generator | None:
         if self.temperature <= 0:
@@ -26,8 +27,25 @@ class RowSampling:
         return torch.Generator().manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
 
 
-def next_tokens(logits: Tensor, settings: list[RowSampling], generators: list[torch.Generator | None]) -> list[int]:
-    """The next token of each row of `logits [B, V]`: argmax for greedy rows, temperature/top-p sampling else."""
+def penalize_repeats(logits: Tensor, settings: list[RowSampling], history: list[list[int]]) -> Tensor:
+    """`logits [B, V]` with each row's already-seen tokens penalised as transformers' repetition penalty does
+    (positive logits divided by the penalty, negative ones multiplied)."""
+    rows = [i for i, config in enumerate(settings) if config.repetition_penalty != 1.0 and history[i]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        seen = torch.tensor(sorted(set(history[i])), device=logits.device)
+        values, penalty = logits[i, seen], settings[i].repetition_penalty
+        logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def next_tokens(logits: Tensor, settings: list[RowSampling], generators: list[torch.Generator | None],
+                history: list[list[int]]) -> list[int]:
+    """The next token of each row of `logits [B, V]` (after its repetition penalty over `history`, the row's
+    prompt and answer so far): argmax for greedy rows, temperature/top-p sampling else."""
+    logits = penalize_repeats(logits, settings, history)
     chosen = logits.argmax(-1).tolist()
     for row, (config, generator) in enumerate(zip(settings, generators)):
         if generator is None:

@@ -212,7 +212,8 @@ class _Batch:
         for i, row in enumerate(self.rows):
             row.start(None if readings is None else readings[i])
         while True:
-            chosen = next_tokens(logits, [r.job.sampling for r in self.rows], [r.generator for r in self.rows])
+            chosen = next_tokens(logits, [r.job.sampling for r in self.rows], [r.generator for r in self.rows],
+                                 [r.job.prompt_ids + r.text.tokens for r in self.rows])
             for row, token in zip(self.rows, chosen):
                 row.take(token, self.s._ends)
             self.tokens += len(self.rows)
