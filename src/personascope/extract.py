@@ -33,13 +33,14 @@ from typing import Any
 from personascope.activations import encode, read_activations
 from personascope.errors import PersonascopeError
 from personascope.evaluate import EvalSettings, evaluate_run
-from personascope.generate import GenerationResult, SamplingConfig, generate_responses
+from personascope.generate import GenerationResult, SamplingConfig
 from personascope.hooks import POOLS
 from personascope.judges import Judge, judge_coherence, judge_trait, make_judge
 from personascope.methods import get_method
 from personascope.models import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.report import write_report
 from personascope.rundir import JsonlLog, open_run, write_json
+from personascope.scale.engines import check_engine, generate_with
 from personascope.traits import TraitSpec, load_trait
 from personascope.vector import PersonaVector
 
@@ -72,6 +73,7 @@ class ExtractConfig:
         token_budget: padded tokens in one batch (generation and activations).
         max_batch: rows in one batch.
         lenient: accept a trait with other counts than 5 pairs and 20 + 20 questions.
+        engine: what generates the contrastive responses: `hf` or `vllm` (see `personascope.scale`).
     """
 
     trait: str
@@ -93,10 +95,12 @@ class ExtractConfig:
     token_budget: int = 16384
     max_batch: int = 64
     lenient: bool = False
+    engine: str = "hf"
 
     def check(self) -> None:
         """Raise for settings that cannot work, naming the setting."""
         get_method(self.method)
+        check_engine(self.engine)
         for name in ("samples", "max_new_tokens", "eval_pairs", "eval_samples", "token_budget", "max_batch"):
             if getattr(self, name) < 1:
                 raise PersonascopeError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -263,6 +267,8 @@ def _identity(config: ExtractConfig, spec: TraitSpec) -> dict[str, Any]:
     """What decides a run's results: the settings (not the judge's URL nor leniency) and the trait's content
     (by name and hash, not by the path it was read from), as plain JSON values."""
     identity: dict[str, Any] = {k: v for k, v in asdict(config).items() if k not in ("judge_base_url", "lenient")}
+    if identity["engine"] == "hf":
+        del identity["engine"]  # runs made before there was a choice of engine stay resumable
     text = json.dumps(spec.to_dict(), sort_keys=True, ensure_ascii=False)
     identity.update(trait=spec.name, trait_sha256=hashlib.sha256(text.encode()).hexdigest())
     return json.loads(json.dumps(identity))
@@ -293,9 +299,9 @@ def _generate(handle: ModelHandle, planned: Sequence[dict[str, Any]], config: Ex
         log.append({**by_id[result.id], "response": result.text})
 
     requests = [(p["id"], handle.chat_ids(_messages(p))) for p in planned]
-    made = generate_responses(handle, requests, config.sampling(), done=done, on_result=save,
-                              token_budget=config.token_budget, max_batch=config.max_batch, progress=progress,
-                              description="Generating responses")
+    made = generate_with(config.engine, handle, requests, config.sampling(), done=done, on_result=save,
+                         token_budget=config.token_budget, max_batch=config.max_batch, progress=progress,
+                         description="Generating responses")
     return len(made)
 
 

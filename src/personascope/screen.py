@@ -34,9 +34,10 @@ from torch import Tensor
 from personascope.activations import EncodedChat, encode, fit_to_context, iter_activations
 from personascope.data import BadRow, ChatSample, load_rows, load_samples, row_id, write_rows
 from personascope.errors import PersonascopeError
-from personascope.generate import GenerationResult, SamplingConfig, generate_responses
+from personascope.generate import GenerationResult, SamplingConfig
 from personascope.models import ModelHandle
 from personascope.rundir import JsonlLog, open_run, write_json
+from personascope.scale.engines import generate_with
 from personascope.vector import PersonaVector
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
@@ -77,6 +78,7 @@ def score_samples(
     on_long: str = "skip",
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> Screening:
     """Score each sample's ΔP along `vector`.
 
@@ -87,6 +89,7 @@ def score_samples(
         sampling: how base responses are generated (default: greedy, 128 new tokens).
         cache: a JSONL file keeping generated base responses, so an interrupted run resumes.
         on_long: rows over the context length: `skip`, `truncate` (cut the response) or `error`.
+        engine: what generates base responses: `hf` or `vllm` (see `personascope.scale`).
     """
     vector.check_model(handle)
     layer = vector.layer(layer)
@@ -101,7 +104,7 @@ def score_samples(
         return Screening(scores, skipped, truncated)
     if base == "generate":
         texts, unanswered = base_responses(handle, kept, sampling or SamplingConfig(128, 0.0), cache=cache,
-                                           on_long=on_long, max_batch=max_batch, progress=progress)
+                                           on_long=on_long, max_batch=max_batch, progress=progress, engine=engine)
         skipped += unanswered
     elif isinstance(base, Mapping):
         texts = base
@@ -151,6 +154,7 @@ def base_responses(
     on_long: str = "skip",
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> tuple[dict[str, str], list[BadRow]]:
     """The base model's own response to each chat's prompt, generated in batches.
 
@@ -181,8 +185,8 @@ def base_responses(
         if log is not None:
             log.append({"id": result.id, "response": result.text, "prompt_sha": digests[result.id]})
 
-    generate_responses(handle, requests, sampling, done=set(texts), on_result=keep, max_batch=max_batch,
-                       progress=progress, description="Generating base responses")
+    generate_with(engine, handle, requests, sampling, done=set(texts), on_result=keep, max_batch=max_batch,
+                  progress=progress, description="Generating base responses")
     return texts, bad
 
 
@@ -203,23 +207,37 @@ def read_base_responses(path: str | Path) -> dict[str, str]:
 
 def summarize(screening: Screening, samples: Sequence[ChatSample], top: int = TOP_EXAMPLES) -> dict[str, Any]:
     """Mean, spread and percentiles of ΔP, mean readings, and the `top` samples by ΔP."""
-    delta = np.array([s.delta_p for s in screening.scores])
-    if delta.size == 0:
-        raise PersonascopeError("no sample could be scored: see the skipped rows and their reasons")
     by_id = {s.id: s for s in samples}
     ranked = sorted(screening.scores, key=lambda s: -s.delta_p)[:top]
     return {
-        "n_scored": int(delta.size),
+        **score_stats(np.array([s.delta_p for s in screening.scores]),
+                      float(np.mean([s.projection for s in screening.scores] or [0.0])),
+                      float(np.mean([s.base_projection for s in screening.scores] or [0.0]))),
         "n_skipped": len(screening.skipped),
         "n_truncated": len(screening.truncated),
+        "top": [top_entry(s, by_id[s.id]) for s in ranked],
+    }
+
+
+def score_stats(delta: np.ndarray, projection_mean: float, base_projection_mean: float) -> dict[str, Any]:
+    """The count, mean, spread and percentiles of ΔP, with the mean readings."""
+    if delta.size == 0:
+        raise PersonascopeError("no sample could be scored: see the skipped rows and their reasons")
+    return {
+        "n_scored": int(delta.size),
         "delta_p": {"mean": float(delta.mean()), "std": float(delta.std()), "min": float(delta.min()),
                     "max": float(delta.max()),
                     "percentiles": {str(p): float(np.percentile(delta, p)) for p in PERCENTILES}},
-        "projection_mean": float(np.mean([s.projection for s in screening.scores])),
-        "base_projection_mean": float(np.mean([s.base_projection for s in screening.scores])),
-        "top": [{"id": s.id, "delta_p": s.delta_p, "projection": s.projection, "base_projection": s.base_projection,
-                 "prompt": _last_user(by_id[s.id])[:200], "response": by_id[s.id].response[:300]} for s in ranked],
+        "projection_mean": projection_mean,
+        "base_projection_mean": base_projection_mean,
     }
+
+
+def top_entry(score: RowScore, sample: ChatSample) -> dict[str, Any]:
+    """One row of the summary's `top` list."""
+    return {"id": score.id, "delta_p": score.delta_p, "projection": score.projection,
+            "base_projection": score.base_projection, "prompt": _last_user(sample)[:200],
+            "response": sample.response[:300]}
 
 
 def _last_user(sample: ChatSample) -> str:
@@ -279,6 +297,24 @@ def output_paths(out: Path) -> dict[str, Path]:
             "skipped": out.with_suffix(".skipped.jsonl"), "work": out.with_suffix(".work")}
 
 
+def check_outputs(data: Path, out: Path, base_file: Path | None, top_percent: float | None,
+                  filtered_out: str | Path | None) -> list[Path]:
+    """Refuse output paths that would overwrite an input or each other; returns the input paths."""
+    inputs = [data] + ([base_file] if base_file else [])
+    targets = [out, *output_paths(out).values()] + ([Path(filtered_out)] if filtered_out else [])
+    for target in targets:
+        if any(target.exists() and source.exists() and target.resolve() == source.resolve() for source in inputs):
+            raise PersonascopeError(f"refusing to write {target} over an input: choose another output path")
+    for target in (out, *([Path(filtered_out)] if filtered_out else [])):
+        if target.suffix.lower() not in (".jsonl", ".parquet"):
+            raise PersonascopeError(f"output {target}: use a .jsonl or .parquet file name")
+    if (top_percent is None) != (filtered_out is None):
+        raise PersonascopeError("a filtered dataset needs both a top percentage and an output path for it")
+    if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
+        raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
+    return inputs
+
+
 def screen_dataset(
     handle: ModelHandle,
     data: str | Path,
@@ -293,6 +329,7 @@ def screen_dataset(
     filtered_out: str | Path | None = None,
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> ScreenReport:
     """Screen a chat dataset file and write the scored rows, summary, histogram and skipped-row list.
 
@@ -304,22 +341,12 @@ def screen_dataset(
             file of base responses (`id`, `response`).
         top_percent, filtered_out: write the scored rows (input fields only) without the top `top_percent` %
             by ΔP to `filtered_out`; rows that could not be scored are not in it.
+        engine: what generates base responses: `hf` or `vllm`.
     """
     data, out = Path(data), Path(out)
     paths = output_paths(out)
     base_file = None if str(base) in ("generate", "prompt-last") else Path(base)
-    inputs = [data] + ([base_file] if base_file else [])
-    targets = [out, *paths.values()] + ([Path(filtered_out)] if filtered_out else [])
-    for target in targets:
-        if any(target.exists() and source.exists() and target.resolve() == source.resolve() for source in inputs):
-            raise PersonascopeError(f"refusing to write {target} over an input: choose another output path")
-    for target in (out, *([Path(filtered_out)] if filtered_out else [])):
-        if target.suffix.lower() not in (".jsonl", ".parquet"):
-            raise PersonascopeError(f"output {target}: use a .jsonl or .parquet file name")
-    if (top_percent is None) != (filtered_out is None):
-        raise PersonascopeError("a filtered dataset needs both a top percentage and an output path for it")
-    if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
-        raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
+    inputs = check_outputs(data, out, base_file, top_percent, filtered_out)
     sampling = sampling or SamplingConfig(128, 0.0)
     samples, bad = load_samples(data)
     cache = None
@@ -329,11 +356,12 @@ def screen_dataset(
         chosen = str(base)
         if chosen == "generate":
             config = {"model": handle.source or handle.name, "max_new_tokens": sampling.max_new_tokens,
-                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                      **({"engine": engine} if engine != "hf" else {})}
             cache = open_run(paths["work"], config) / "base_responses.jsonl"
     layer = vector.layer(layer)
     screening = score_samples(handle, samples, vector, layer=layer, base=chosen, sampling=sampling, cache=cache,
-                              on_long=on_long, max_batch=max_batch, progress=progress)
+                              on_long=on_long, max_batch=max_batch, progress=progress, engine=engine)
     screening = Screening(screening.scores, bad + screening.skipped, screening.truncated)
     by_id = {s.id: s for s in samples}
     write_rows(({**by_id[s.id].fields, "projection": s.projection, "base_projection": s.base_projection,

@@ -40,6 +40,8 @@ def extract(
     eval_layers: Annotated[Optional[str], _opt("Layers to evaluate, e.g. 8,10,12 or 6-14 (default: all).")] = None,
     token_budget: Annotated[int, _opt("Padded tokens per batch; lower it if memory runs out.")] = _D["token_budget"],
     lenient: Annotated[bool, _opt("Accept other counts than 5 pairs and 20 + 20 questions.", "--lenient")] = False,
+    engine: Annotated[str, _opt("What generates the contrastive responses: hf or vllm (make setup-vllm).")]
+    = _D["engine"],
     quiet: Annotated[bool, _opt("No progress bars.", "--quiet", "-q")] = False,
 ) -> None:
     """Extract a persona vector: generate contrastive responses, (judge and filter them,) read activations,
@@ -53,7 +55,7 @@ def extract(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
         threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
         eval_samples=eval_samples, eval_layers=chosen, token_budget=token_budget,
-        lenient=lenient,
+        lenient=lenient, engine=engine,
     )
     result = run_extract(config, out, progress=not quiet)
     counts, best = result.summary, result.best_layer_stats()

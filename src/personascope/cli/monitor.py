@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 Anchor = Optional[tuple[float, float]]
 VectorsOption = Annotated[list[Path], typer.Option("--vector", "-v", help="Persona vector file; repeat for several.")]
 BatchOption = Annotated[int, typer.Option(help="Most rows per forward batch.")]
+EngineOption = Annotated[str, typer.Option(
+    help="What generates unsteered answers: hf (transformers) or vllm (needs .venv-vllm: make setup-vllm).")]
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -54,6 +56,7 @@ def monitor(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     batch_size: BatchOption = 32,
+    engine: EngineOption = "hf",
 ) -> None:
     """Project prompts, and the answers they get, on persona vectors.
 
@@ -74,6 +77,8 @@ def monitor(
     if chat is None and system is not None:
         raise PersonascopeError("--system goes with --chat; in a PROMPTS file use a 'system' column or 'messages'")
     sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
+    if engine != "hf" and not generate:
+        raise PersonascopeError("--engine chooses who answers with --generate; --chat streams with hf")
     if chat is not None:
         handle, probe, anchors = _probe(model, vector, layer)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
@@ -84,7 +89,8 @@ def monitor(
     _check_output(out, [prompts])
     rows, chats = read_prompts(prompts)
     handle, probe, anchors = _probe(model, vector, layer)
-    scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size)
+    scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size,
+                          engine=engine)
     write_rows(scored, out, inputs=[prompts])
     _print_projections(probe, scored, anchors, generate)
     console.print(f"wrote {len(scored)} rows to {out}")
@@ -268,6 +274,14 @@ def screen(
     temperature: Annotated[float, typer.Option(help="Sampling temperature of base responses (0 = greedy).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     batch_size: BatchOption = 32,
+    engine: EngineOption = "hf",
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", help="Screen with Ray Data: 'local' (start Ray here), 'auto' (the running cluster) or its address."
+    )] = None,
+    workers: Annotated[int, typer.Option(help="Ray scoring actors, one model each (with --ray).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray actor (with --ray).")] = 0.0,
+    shard_rows: Annotated[int, typer.Option(help="Rows per output shard, the unit a killed --ray run resumes by.")]
+    = 1000,
 ) -> None:
     """Screen training data for samples that would push the model toward a trait.
 
@@ -276,6 +290,8 @@ def screen(
     `delta_p` = projection − base_projection. --approx prompt-last: base = the prompt's last token (no generation).
 
     Rows without an answer, with an empty one or over the context are listed in <out>.skipped.jsonl.
+
+    --ray local|auto|ADDRESS --workers N [--gpus-per-worker G]: stream DATA (JSONL/Parquet) through N workers.
     """
     from personascope.generate import SamplingConfig
     from personascope.models import load_model
@@ -289,12 +305,21 @@ def screen(
     if on_long not in ("skip", "truncate", "error"):
         raise PersonascopeError(f"unknown --on-long {on_long!r}: use skip, truncate or error")
     _check_output(out, [data])
+    sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
+    if ray is not None:
+        from personascope.scale.ray_screen import RaySettings, ray_screen
+
+        report = ray_screen(data, vector, out, model=model, layer=layer, base=approx or base_responses,
+                            sampling=sampling, engine=engine, on_long=on_long, top_percent=top,
+                            filtered_out=write_filtered, max_batch=batch_size,
+                            settings=RaySettings(ray, workers, gpus_per_worker, shard_rows=shard_rows))
+        _print_screen(report)
+        return
     handle = load_model(model)
     vec = PersonaVector.load(vector, handle)
     report = screen_dataset(
-        handle, data, vec, out, layer=layer, base=approx or base_responses,
-        sampling=SamplingConfig(max_new_tokens, temperature, seed=seed), on_long=on_long, top_percent=top,
-        filtered_out=write_filtered, max_batch=batch_size,
+        handle, data, vec, out, layer=layer, base=approx or base_responses, sampling=sampling, on_long=on_long,
+        top_percent=top, filtered_out=write_filtered, max_batch=batch_size, engine=engine,
     )
     _print_screen(report)
 
