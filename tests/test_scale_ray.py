@@ -56,7 +56,7 @@ def assert_same_screen(ray_report, single_report, tolerance=1e-4):
 
     assert by_id(read_jsonl(ray_report.skipped)) == by_id(read_jsonl(single_report.skipped))  # ours in row order
     mine, single = ray_report.summary, single_report.summary
-    for key in ("n_rows", "n_scored", "n_skipped", "n_truncated", "layer", "trait", "base"):
+    for key in ("n_rows", "n_scored", "n_skipped", "n_truncated", "layer", "trait", "base", "model"):
         assert mine[key] == single[key], key
     assert mine["delta_p"]["mean"] == pytest.approx(single["delta_p"]["mean"], abs=tolerance)
     assert [t["id"] for t in mine["top"]] == [t["id"] for t in single["top"]]

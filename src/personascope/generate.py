@@ -118,7 +118,8 @@ def generate_responses(
             if monitor is not None:
                 monitor.begin()
             try:
-                texts = _generate_batch(handle, [requests[i][1] for i in batch], sampling, seed_for(sampling.seed, requests[batch[0]][0]))
+                texts = _generate_batch(handle, [requests[i][1] for i in batch], sampling,
+                                        seed_for(sampling.seed, requests[batch[0]][0]))
             finally:
                 traces = monitor.end() if monitor is not None else None
             for row, (index, (text, token_ids)) in enumerate(zip(batch, texts)):

@@ -173,7 +173,6 @@ def ray_screen(
         import ray
     except ImportError:
         raise PersonascopeError("--ray needs Ray Data: pip install 'personascope[scale]' (or run make setup)") from None
-    from personascope.models import load_model
     from personascope.vector import PersonaVector
 
     settings = settings or RaySettings()
@@ -188,8 +187,7 @@ def ray_screen(
     if not data.exists():
         raise PersonascopeError(f"dataset {data} does not exist")
     sampling = sampling or SamplingConfig(128, 0.0)
-    handle = load_model(model)  # the driver reads the vector's metadata and the model's name; it scores nothing
-    vec = PersonaVector.load(vector, handle)
+    vec = PersonaVector.load(vector)  # the driver loads no model: the workers check the vector against theirs
     layer = vec.layer(layer)
     paths = output_paths(out)
     identity = {"data": str(data.resolve()), "model": model, "vector_sha256": _sha256(vector), "layer": layer,
@@ -211,8 +209,8 @@ def ray_screen(
     finally:
         if started:
             ray.shutdown()
-    return _assemble(writer, data, out, paths, inputs, handle.name, vec.trait, layer, base, n_rows, top_percent,
-                     filtered_out)
+    return _assemble(writer, data, out, paths, inputs, vec.model or model, vec.trait, layer, base, n_rows,
+                     top_percent, filtered_out)
 
 
 def _run_pipeline(ray: Any, dataset: Any, n_rows: int, writer: ShardWriter, settings: RaySettings, progress: bool,
@@ -223,7 +221,8 @@ def _run_pipeline(ray: Any, dataset: Any, n_rows: int, writer: ShardWriter, sett
                                                       "shard_rows": settings.shard_rows}, batch_format="pyarrow")
     scored = todo.map_batches(
         _Scorer, fn_constructor_kwargs=scorer, batch_format="pyarrow", batch_size=4 * scorer["max_batch"],
-        compute=ray.data.ActorPoolStrategy(size=settings.workers), num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or None,
+        compute=ray.data.ActorPoolStrategy(size=settings.workers), num_cpus=settings.cpus_per_worker,
+        num_gpus=settings.gpus_per_worker or None,
     )
     try:
         with progress_bar(writer.pending_rows, "Screening (Ray)", enabled=progress) as bar:
