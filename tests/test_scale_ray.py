@@ -105,7 +105,7 @@ def test_parquet_input_with_generated_base_answers(tiny, local_ray, tmp_path):
     assert_same_screen(dataclasses.replace(report, scored=ray_jsonl), single)
 
 
-def test_bad_settings_are_refused(tiny, tmp_path):
+def test_bad_settings_and_unreadable_files_are_refused(tiny, local_ray, tmp_path):
     _, _, model_dir = tiny
     data = write_jsonl(tmp_path / "data.jsonl", dataset_rows(10))
     vector_path = model_dir.parent / "tiny.safetensors"
@@ -119,6 +119,10 @@ def test_bad_settings_are_refused(tiny, tmp_path):
     csv.write_text("prompt,response\nhi,there\n")
     with pytest.raises(PersonascopeError, match="jsonl or .parquet"):
         ray_screen(csv, vector_path, tmp_path / "o.jsonl", model=str(model_dir), base="prompt-last")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "hi", "response": "there"}\nnot json at all\n')
+    with pytest.raises(PersonascopeError, match="ray.data cannot read"):
+        ray_screen(broken, vector_path, tmp_path / "o.jsonl", model=str(model_dir), base="prompt-last")
 
 
 def test_a_killed_ray_run_resumes_by_shard(tiny, tmp_path):

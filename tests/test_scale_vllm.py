@@ -85,7 +85,8 @@ def test_screen_and_monitor_with_vllm_match_hf_when_greedy(embedded, vector, tmp
     hf, vllm = (read_jsonl(reports[e].scored) for e in ("hf", "vllm"))
     assert [r["id"] for r in vllm] == [r["id"] for r in hf]
     assert [r["delta_p"] for r in vllm] == pytest.approx([r["delta_p"] for r in hf], abs=1e-3)
-    cached = {e: read_jsonl(tmp_path / f"{e}.work" / "base_responses.jsonl") for e in ("hf", "vllm")}
+    cached = {e: sorted(read_jsonl(tmp_path / f"{e}.work" / "base_responses.jsonl"), key=lambda r: r["id"])
+              for e in ("hf", "vllm")}  # (hf writes them in its length-sorted batch order)
     assert cached["vllm"] == cached["hf"]
     probe = Probe.build(embedded, [vector])
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
@@ -129,3 +130,15 @@ def test_the_cli_runs_vllm_behind_its_main_guard(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = read_jsonl(tmp_path / "o.jsonl")
     assert len(out) == 2 and all(r["response"] and len(r["trace"]) >= 1 for r in out)
+
+
+def test_the_scale_benchmark_times_both_engines_on_the_same_rows(tmp_path):
+    """Last in the module: it closes the engine it shares with the tests above."""
+    from tests.test_benchmarks import _script
+
+    out = tmp_path / "scale.json"
+    figures = _script("scale").main(["--parts", "generation", "--rows", "4", "--new-tokens", "8", "--json", str(out)])
+    engines = json.loads(out.read_text())["generation"]["engines"]
+    assert set(engines) == {"hf", "vllm"} and all(e["tokens"] > 0 and e["tokens_per_s"] > 0 for e in engines.values())
+    speedup = engines["vllm"]["tokens_per_s"] / engines["hf"]["tokens_per_s"]
+    assert figures["generation"]["speedup"] == pytest.approx(speedup)

@@ -190,7 +190,9 @@ def ray_screen(
     vec = PersonaVector.load(vector)  # the driver loads no model: the workers check the vector against theirs
     layer = vec.layer(layer)
     paths = output_paths(out)
-    identity = {"data": str(data.resolve()), "model": model, "vector_sha256": _sha256(vector), "layer": layer,
+    stat = data.stat()  # a file rewritten in place starts the shards afresh
+    identity = {"data": str(data.resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+                "model": model, "vector_sha256": _sha256(vector), "layer": layer,
                 "base": base, "sampling": asdict(sampling), "engine": engine, "on_long": on_long,
                 "shard_rows": settings.shard_rows}
     writer = ShardWriter(open_run(paths["work"] / "ray", identity), settings.shard_rows)
@@ -200,7 +202,11 @@ def ray_screen(
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # `zip` pairs rows with their index by position
         dataset = _read(ray, data.resolve())
-        n_rows = dataset.count()
+        try:
+            n_rows = dataset.count()
+        except Exception as exc:  # pyarrow's parse errors arrive wrapped in Ray's
+            lines = str(exc).strip().splitlines()
+            raise PersonascopeError(f"ray.data cannot read {data}: {lines[-1] if lines else exc!r}") from None
         writer.plan(n_rows)
         if writer.pending:
             _run_pipeline(ray, dataset, n_rows, writer, settings, progress, dict(
