@@ -142,3 +142,15 @@ def test_the_scale_benchmark_times_both_engines_on_the_same_rows(tmp_path):
     assert set(engines) == {"hf", "vllm"} and all(e["tokens"] > 0 and e["tokens_per_s"] > 0 for e in engines.values())
     speedup = engines["vllm"]["tokens_per_s"] / engines["hf"]["tokens_per_s"]
     assert figures["generation"]["speedup"] == pytest.approx(speedup)
+
+
+def test_the_gpu_benchmark_vllm_case_runs_on_a_tiny_model(tmp_path):
+    """gpu.py's vLLM case on the CPU: greedy tokens equal HF eager decoding's on the same random model."""
+    from tests.test_benchmarks import _script
+
+    out = tmp_path / "gpu.json"
+    _script("gpu").main(["--tiny", "--compile-backend", "eager", "--repeats", "1", "--batches", "2",
+                         "--compile-batches", "--vllm-batches", "4", "--json", str(out)])
+    runs = json.loads(out.read_text())["vllm_generation"]["batches"]
+    assert set(runs) == {"2", "4"} and all(run["tokens_per_s"] > 0 for run in runs.values())
+    assert runs["2"]["greedy_first_difference"] is None and runs["2"]["vs_hf_eager_plain"] > 0
