@@ -123,13 +123,8 @@ def _drop_done(table: Any, done: frozenset[int], shard_rows: int) -> Any:
     return table.filter(pc.invert(pc.is_in(shard, pa.array(sorted(done), table[INDEX].type))))
 
 
-def _read(ray: Any, data: Path) -> Any:
-    suffix = data.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return ray.data.read_json(str(data))
-    if suffix == ".parquet":
-        return ray.data.read_parquet(str(data))
-    raise PersonascopeError(f"--ray reads .jsonl or .parquet files, not {data.name}: convert it, or drop --ray")
+#: The `ray.data` reader of each input format.
+READERS = {".jsonl": "read_json", ".json": "read_json", ".parquet": "read_parquet"}
 
 
 def _connect(ray: Any, settings: RaySettings) -> bool:
@@ -186,6 +181,8 @@ def ray_screen(
     inputs = check_outputs(data, out, None, top_percent, filtered_out)
     if not data.exists():
         raise PersonascopeError(f"dataset {data} does not exist")
+    if data.suffix.lower() not in READERS:
+        raise PersonascopeError(f"--ray reads .jsonl or .parquet files, not {data.name}: convert it, or drop --ray")
     sampling = sampling or SamplingConfig(128, 0.0)
     vec = PersonaVector.load(vector)  # the driver loads no model: the workers check the vector against theirs
     layer = vec.layer(layer)
@@ -201,7 +198,7 @@ def ray_screen(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # `zip` pairs rows with their index by position
-        dataset = _read(ray, data.resolve())
+        dataset = getattr(ray.data, READERS[data.suffix.lower()])(str(data.resolve()))
         try:
             n_rows = dataset.count()
         except Exception as exc:  # pyarrow's parse errors arrive wrapped in Ray's
