@@ -71,12 +71,14 @@ def monitor(
     from personascope.data import write_rows
     from personascope.generate import SamplingConfig
     from personascope.monitor import monitor_rows, read_prompts
+    from personascope.scale import check_engine
 
     if (prompts is None) == (chat is None):
         raise PersonascopeError("give either a PROMPTS file (with --out) or --chat, not both")
     if chat is None and system is not None:
         raise PersonascopeError("--system goes with --chat; in a PROMPTS file use a 'system' column or 'messages'")
     sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
+    check_engine(engine)
     if engine != "hf" and not generate:
         raise PersonascopeError("--engine chooses who answers with --generate; --chat streams with hf")
     if chat is not None:
@@ -295,6 +297,7 @@ def screen(
     """
     from personascope.generate import SamplingConfig
     from personascope.models import load_model
+    from personascope.scale import check_engine
     from personascope.screen import screen_dataset
     from personascope.vector import PersonaVector
 
@@ -305,6 +308,7 @@ def screen(
     if on_long not in ("skip", "truncate", "error"):
         raise PersonascopeError(f"unknown --on-long {on_long!r}: use skip, truncate or error")
     _check_output(out, [data])
+    check_engine(engine)
     sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
     if ray is not None:
         from personascope.scale.ray_screen import RaySettings, ray_screen
