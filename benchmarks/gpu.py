@@ -11,7 +11,10 @@ Measured, in this order (figures are saved after each part, so a run cut short s
 3. generation, plain and steered, with HF `generate` eager (dynamic cache) and with a static cache compiled
    by `torch.compile` (fullgraph, so a hook that broke the graph would fail loudly), against the
    memory-bandwidth bound (bytes of the weights read per step ÷ measured bandwidth). Greedy tokens of the
-   compiled steered run must equal the eager steered run's and differ from plain.
+   compiled steered run must equal the eager steered run's and differ from plain;
+4. unsteered generation with vLLM (`--engine vllm`) on the same model (saved to a temporary directory) and the
+   same prompts, at the eager batch sizes (against HF eager plain) and at larger ones, when vLLM is installed
+   (`pip install vllm`, or .venv-vllm); greedy, exactly `--new-tokens` per row.
 
 On the device machine (torch and transformers are there; personascope travels as source):
     PYTHONPATH=src python3 benchmarks/gpu.py
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from statistics import median
@@ -54,9 +58,10 @@ QWEN25_7B = dict(
     rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False, use_sliding_window=False,
     sliding_window=131072, max_window_layers=28, bos_token_id=151643, eos_token_id=151645,
 )
-#: The same architecture, small enough to run every code path on a CPU in seconds.
-TINY = {**QWEN25_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 2048, "bos_token_id": 1,
+#: The same architecture, small enough to run every code path on a CPU in seconds (one 64-wide head: vLLM's CPU
+#: attention has no kernel for heads narrower than 32).
+TINY = {**QWEN25_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 2048, "bos_token_id": 1,
         "eos_token_id": 2}
 PAD = 0
 
@@ -347,6 +352,54 @@ class Benchmark:
             out["batches"][str(batch)] = figures
         return out
 
+    def vllm_generation(self) -> dict[str, Any]:
+        """vLLM's tokens/s on the eager cases' prompts (and larger batches), from the model saved to disk."""
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.inputs import TokensPrompt
+        except ImportError:
+            self.table.append(["generate: vLLM", "skipped", "vllm is not installed"])
+            return {"skipped": "vllm is not installed"}
+        handle = self.handle
+        assert handle is not None
+        out: dict[str, Any] = {"new_tokens": self.new_tokens, "batches": {}}
+        with tempfile.TemporaryDirectory(prefix="gpu-bench-model-") as folder:
+            start = time.perf_counter()
+            handle.model.save_pretrained(folder)
+            out["save_seconds"] = round(time.perf_counter() - start, 1)
+            start = time.perf_counter()
+            llm = LLM(model=folder, skip_tokenizer_init=True, dtype=self.figures["dtype"], seed=0,
+                      gpu_memory_utilization=self.args.vllm_memory, max_model_len=1024 if self.args.tiny else 4096)
+            out["startup_seconds"] = round(time.perf_counter() - start, 1)
+            params = SamplingParams(temperature=0.0, max_tokens=self.new_tokens, min_tokens=self.new_tokens,
+                                    ignore_eos=True, detokenize=False)
+            for batch in sorted(set(self.args.batches) | set(self.args.vllm_batches)):
+                ids, mask = self._prompts(batch)
+                prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist())
+                           for row, m in zip(ids.cpu(), mask.cpu())]
+                llm.generate(prompts, params, use_tqdm=False)  # warm-up (graph capture for this batch shape)
+                seconds = []
+                for _ in range(self.args.repeats):
+                    start = time.perf_counter()
+                    results = llm.generate(prompts, params, use_tqdm=False)
+                    seconds.append(time.perf_counter() - start)
+                tokens = torch.tensor([list(r.outputs[0].token_ids) for r in results], device=self.device)
+                figures: dict[str, Any] = {"seconds": seconds,
+                                           "tokens_per_s": rate(batch * self.new_tokens, seconds)}
+                eager = self.figures.get("eager_generation", {}).get("batches", {}).get(str(batch))
+                note = ""
+                if eager and "runs" in eager:
+                    hf = eager["runs"]["eager plain"]["tokens_per_s"]
+                    figures["vs_hf_eager_plain"] = figures["tokens_per_s"] / hf
+                    if batch in self.eager_tokens:
+                        figures["greedy_first_difference"] = first_difference(tokens,
+                                                                              self.eager_tokens[batch]["eager plain"])
+                    note = f"{figures['vs_hf_eager_plain']:.2f}× HF eager plain"
+                self.table.append([f"generate b={batch}: vLLM", f"{figures['tokens_per_s']:,.1f} tokens/s", note])
+                out["batches"][str(batch)] = figures
+            del llm
+        return out
+
     def run(self) -> dict[str, Any]:
         console.print(f"device {self.device}, {self.figures['dtype']}, "
                       f"{'tiny' if self.args.tiny else 'Qwen2.5-7B'}-shaped random model")
@@ -358,6 +411,8 @@ class Benchmark:
             self.part("compiled_generation", self.compiled_generation)
         else:
             console.print("[yellow]the static-cache compiled path was skipped (no --compile-batches)[/]")
+        if self.args.vllm_batches is not None:
+            self.part("vllm_generation", self.vllm_generation)
         self.figures["total_seconds"] = round(self.elapsed(), 1)
         save(self.json, self.figures)
         print_table(f"GPU benchmark ({self.figures['machine'].get('gpu', self.device.type)}, "
@@ -379,6 +434,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-batches", type=int, nargs="*", default=[1],
                    help="batch sizes also run compiled (default 1; each costs two compilations; none to skip)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
+    p.add_argument("--vllm-batches", type=int, nargs="*", default=[256],
+                   help="batch sizes vLLM also runs, beyond --batches (default 256; omit the option's values to "
+                   "run only --batches)")
+    p.add_argument("--vllm-memory", type=float, default=0.5,
+                   help="fraction of the GPU vLLM may take (the HF model stays loaded; default 0.5)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--min-cosine", type=float, default=0.999, help="per-row cosine for same_values (bf16)")
     p.add_argument("--budget-s", type=float, default=420, help="skip parts that would start after this many seconds")

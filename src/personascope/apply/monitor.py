@@ -13,6 +13,7 @@ from torch import Tensor
 from personascope.errors import PersonascopeError
 from personascope.hooks import HookManager, TokenContext, on_device
 from personascope.inference.activations import encode, iter_activations
+from personascope.inference.engines import generate_with
 from personascope.inference.generate import (
     SamplingConfig,
     generate_responses,
@@ -265,22 +266,31 @@ def monitor_rows(
     sampling: SamplingConfig | None = None,
     max_batch: int = 64,
     progress: bool = True,
+    engine: str = "hf",
 ) -> list[dict[str, Any]]:
     """Each row with its prompt projections added (`projection` or `projection_<name>`).
 
     With `sampling`, the model also answers each chat: the row gets `response` and, per vector, `trace`
-    (or `trace_<name>`): the projection that produced each response token, in order.
+    (or `trace_<name>`): the projection that produced each response token, in order. With `engine="vllm"`
+    vLLM answers and the traces are read afterwards in one teacher-forced pass (`apply.traces.replay_traces`).
     """
     projections = prompt_projections(handle, chats, probe, max_batch=max_batch, progress=progress).tolist()
     out = [{**row, **dict(zip(probe.columns(), values))} for row, values in zip(rows, projections)]
     if sampling is None:
         return out
     requests = [(str(i), handle.chat_ids(list(chat))) for i, chat in enumerate(chats)]
-    results = generate_responses(handle, requests, sampling, monitor=GenerationTrace(handle, probe),
-                                 max_batch=max_batch, progress=progress)
-    for result in results:
+    if engine == "hf":
+        results = generate_responses(handle, requests, sampling, monitor=GenerationTrace(handle, probe),
+                                     max_batch=max_batch, progress=progress)
+        traces = [result.trace for result in results]
+    else:
+        from personascope.apply.traces import replay_traces  # it reads a Probe: imported here, not at the top
+
+        results = generate_with(engine, handle, requests, sampling, max_batch=max_batch, progress=progress)
+        traces = replay_traces(handle, probe, [ids for _, ids in requests], results, max_batch=max_batch)
+    for result, trace in zip(results, traces):
         row = out[int(result.id)]
         row["response"] = result.text
-        assert result.trace is not None
-        row.update(zip(probe.columns("trace"), result.trace.T.tolist()))
+        assert trace is not None
+        row.update(zip(probe.columns("trace"), trace.T.tolist()))
     return out

@@ -33,11 +33,8 @@ from personascope.inference.activations import (
     fit_to_context,
     iter_activations,
 )
-from personascope.inference.generate import (
-    GenerationResult,
-    SamplingConfig,
-    generate_responses,
-)
+from personascope.inference.engines import generate_with
+from personascope.inference.generate import GenerationResult, SamplingConfig
 from personascope.io.data import (
     BadRow,
     ChatSample,
@@ -52,7 +49,8 @@ from personascope.model import ModelHandle
 from personascope.vector import PersonaVector
 
 __all__ = ["PERCENTILES", "DeltaStats", "FilterResult", "RowScore", "ScreenReport", "ScreenSummary", "Screening",
-           "TopRow", "base_responses", "read_base_responses", "score_samples", "screen_dataset", "summarize"]
+           "TopRow", "base_responses", "check_outputs", "finish_screen", "output_paths", "read_base_responses",
+           "score_samples", "screen_dataset", "summarize"]
 
 
 def score_samples(
@@ -67,6 +65,7 @@ def score_samples(
     on_long: str = "skip",
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> Screening:
     """Score each sample's ΔP along `vector`.
 
@@ -77,6 +76,7 @@ def score_samples(
         sampling: how base responses are generated (default: greedy, 128 new tokens).
         cache: a JSONL file keeping generated base responses, so an interrupted run resumes.
         on_long: rows over the context length: `skip`, `truncate` (cut the response) or `error`.
+        engine: what generates base responses: `hf` or `vllm` (see `personascope.inference.engines`).
     """
     vector.check_model(handle)
     layer = vector.layer(layer)
@@ -91,7 +91,7 @@ def score_samples(
         return Screening(scores, skipped, truncated)
     if base == "generate":
         texts, unanswered = base_responses(handle, kept, sampling or SamplingConfig(128, 0.0), cache=cache,
-                                           on_long=on_long, max_batch=max_batch, progress=progress)
+                                           on_long=on_long, max_batch=max_batch, progress=progress, engine=engine)
         skipped += unanswered
     elif isinstance(base, Mapping):
         texts = base
@@ -141,6 +141,7 @@ def base_responses(
     on_long: str = "skip",
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> tuple[dict[str, str], list[BadRow]]:
     """The base model's own response to each chat's prompt, generated in batches.
 
@@ -171,8 +172,8 @@ def base_responses(
         if log is not None:
             log.append({"id": result.id, "response": result.text, "prompt_sha": digests[result.id]})
 
-    generate_responses(handle, requests, sampling, done=set(texts), on_result=keep, max_batch=max_batch,
-                       progress=progress, description="Generating base responses")
+    generate_with(engine, handle, requests, sampling, done=set(texts), on_result=keep, max_batch=max_batch,
+                  progress=progress, description="Generating base responses")
     return texts, bad
 
 
@@ -210,6 +211,21 @@ def output_paths(out: Path) -> dict[str, Path]:
             "skipped": out.with_suffix(".skipped.jsonl"), "work": out.with_suffix(".work")}
 
 
+def check_outputs(data: Path, out: Path, base_file: Path | None, top_percent: float | None,
+                  filtered_out: str | Path | None) -> list[Path]:
+    """Refuse output paths that would overwrite an input or each other; returns the input paths."""
+    inputs = [data] + ([base_file] if base_file else [])
+    for target in (out, *([Path(filtered_out)] if filtered_out else [])):
+        check_output(target, inputs)
+    for target in output_paths(out).values():
+        check_output(target, inputs, suffixes=None)
+    if (top_percent is None) != (filtered_out is None):
+        raise PersonascopeError("a filtered dataset needs both a top percentage and an output path for it")
+    if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
+        raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
+    return inputs
+
+
 def screen_dataset(
     handle: ModelHandle,
     data: str | Path,
@@ -224,6 +240,7 @@ def screen_dataset(
     filtered_out: str | Path | None = None,
     max_batch: int = 32,
     progress: bool = True,
+    engine: str = "hf",
 ) -> ScreenReport:
     """Screen a chat dataset file and write the scored rows, summary, histogram and skipped-row list.
 
@@ -235,19 +252,12 @@ def screen_dataset(
             file of base responses (`id`, `response`).
         top_percent, filtered_out: write the scored rows (input fields only) without the top `top_percent` %
             by ΔP to `filtered_out`; rows that could not be scored are not in it.
+        engine: what generates base responses: `hf` or `vllm`.
     """
     data, out = Path(data), Path(out)
     paths = output_paths(out)
     base_file = None if str(base) in ("generate", "prompt-last") else Path(base)
-    inputs = [data] + ([base_file] if base_file else [])
-    for target in (out, *([Path(filtered_out)] if filtered_out else [])):
-        check_output(target, inputs)
-    for target in paths.values():
-        check_output(target, inputs, suffixes=None)
-    if (top_percent is None) != (filtered_out is None):
-        raise PersonascopeError("a filtered dataset needs both a top percentage and an output path for it")
-    if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
-        raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
+    inputs = check_outputs(data, out, base_file, top_percent, filtered_out)
     sampling = sampling or SamplingConfig(128, 0.0)
     cache = None
     if base_file is not None:
@@ -256,7 +266,8 @@ def screen_dataset(
         chosen = str(base)
         if chosen == "generate":
             config = {"model": handle.source or handle.name, "max_new_tokens": sampling.max_new_tokens,
-                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                      **({"engine": engine} if engine != "hf" else {})}
             cache = open_run(paths["work"], config) / "base_responses.jsonl"
     layer = vector.layer(layer)
     run = _Stream()
@@ -264,19 +275,42 @@ def screen_dataset(
     def scored_rows() -> Iterator[dict[str, Any]]:
         for samples, bad in iter_samples(data, CHUNK_ROWS):
             part = score_samples(handle, samples, vector, layer=layer, base=chosen, sampling=sampling, cache=cache,
-                                 on_long=on_long, max_batch=max_batch, progress=progress) if samples else None
+                                 on_long=on_long, max_batch=max_batch, progress=progress,
+                                 engine=engine) if samples else None
             by_id = run.add(samples, bad, part)
             for score in part.scores if part else ():
                 yield {**by_id[score.id].fields, "projection": score.projection,
                        "base_projection": score.base_projection, "delta_p": score.delta_p}
 
     write_rows(scored_rows(), out, inputs=inputs)
-    screening = Screening(run.scores, run.bad + run.skipped, run.truncated)
+    return finish_screen(Screening(run.scores, run.bad + run.skipped, run.truncated), list(run.top.values()), data,
+                         out, inputs, model=handle.name, trait=vector.trait, layer=layer, base=str(base),
+                         n_rows=run.rows, top_percent=top_percent, filtered_out=filtered_out)
+
+
+def finish_screen(
+    screening: Screening,
+    top: Sequence[ChatSample],
+    data: Path,
+    out: Path,
+    inputs: Sequence[Path],
+    *,
+    model: str,
+    trait: str,
+    layer: int,
+    base: str,
+    n_rows: int,
+    top_percent: float | None,
+    filtered_out: str | Path | None,
+) -> ScreenReport:
+    """Write the skipped list, the filtered dataset, the histogram and the summary of a screening whose scored
+    rows are in `out` already; `top` holds (at least) the samples with the highest ΔP."""
+    paths = output_paths(out)
     write_rows([{"id": b.id, "action": "skipped", "reason": b.reason} for b in screening.skipped]
                + [{"id": t, "action": "truncated", "reason": "cut to fit the context length"}
                   for t in screening.truncated], paths["skipped"], inputs=inputs)
-    summary = summarize(screening, list(run.top.values()), data=str(data), model=handle.name, trait=vector.trait,
-                        layer=layer, base=str(base), n_rows=run.rows)
+    summary = summarize(screening, top, data=str(data), model=model, trait=trait, layer=layer, base=base,
+                        n_rows=n_rows)
     cutoff = filtered = None
     if top_percent is not None and filtered_out is not None:
         removed, cutoff = top_ids(screening.scores, top_percent)
@@ -285,7 +319,7 @@ def screen_dataset(
                                if sample.id in kept), filtered_out, inputs=inputs)
         summary = dataclasses.replace(summary, filter=FilterResult(top_percent, len(removed), cutoff, str(filtered)))
     plot_histogram([s.delta_p for s in screening.scores], paths["histogram"],
-                   f"{vector.trait} ΔP at layer {layer} ({summary.n_scored} samples, base: {base})", cutoff)
+                   f"{trait} ΔP at layer {layer} ({summary.n_scored} samples, base: {base})", cutoff)
     write_json(paths["summary"], summary)
     return ScreenReport(summary, out, paths["summary"], paths["histogram"], paths["skipped"], filtered)
 

@@ -45,6 +45,8 @@ def extract(
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
     lenient: Annotated[bool, _opt("Accept other counts than 5 pairs and 20 + 20 questions.", "--lenient")] = False,
+    engine: Annotated[str, _opt("What generates the contrastive responses: hf or vllm (make setup-vllm).")]
+    = _D["engine"],
     quiet: Annotated[bool, _opt("No progress bars.", "--quiet", "-q")] = False,
 ) -> None:
     """Extract a persona vector: generate contrastive responses, (judge and filter them,) read activations,
@@ -58,7 +60,7 @@ def extract(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, method=method,
         threshold=threshold, coherence_threshold=coherence_threshold, eval_pairs=eval_pairs,
         eval_samples=eval_samples, eval_layers=chosen, token_budget=token_budget, max_batch=batch_size,
-        lenient=lenient,
+        lenient=lenient, engine=engine,
     )
     config.check()
     handle = Placement(device, dtype, device_map).load(model)

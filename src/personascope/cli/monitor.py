@@ -21,6 +21,7 @@ from personascope.cli.options import (
     Placement,
     VectorModelOption,
     model_for_vector,
+    parse_device_map,
 )
 from personascope.errors import PersonascopeError
 from personascope.io.files import check_output
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 Anchor = Optional[tuple[float, float]]
 VectorsOption = Annotated[list[Path], typer.Option("--vector", "-v", help="Persona vector file; repeat for several.")]
 BatchOption = Annotated[int, typer.Option(help="Most rows per forward batch.")]
+EngineOption = Annotated[str, typer.Option(
+    help="What generates unsteered answers: hf (transformers) or vllm (needs .venv-vllm: make setup-vllm).")]
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -64,6 +67,7 @@ def monitor(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
+    engine: EngineOption = "hf",
 ) -> None:
     """Project prompts, and the answers they get, on persona vectors.
 
@@ -76,6 +80,7 @@ def monitor(
     --chat "..." [--system "..."]: stream one answer with a live trait meter (no file needed).
     """
     from personascope.apply.monitor import monitor_rows, read_prompts
+    from personascope.inference.engines import check_engine
     from personascope.inference.generate import SamplingConfig
     from personascope.io.data import write_rows
 
@@ -86,6 +91,9 @@ def monitor(
     sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
     placement = Placement(device, dtype, device_map)
     model_name = model_for_vector(model, vector[0] if vector else None)
+    check_engine(engine)
+    if engine != "hf" and not generate:
+        raise PersonascopeError("--engine chooses who answers with --generate; --chat streams with hf")
     if chat is not None:
         handle, probe, anchors = _probe(placement.load(model_name), vector, layer)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
@@ -96,7 +104,8 @@ def monitor(
     check_output(out, [prompts])
     rows, chats = read_prompts(prompts)
     handle, probe, anchors = _probe(placement.load(model_name), vector, layer)
-    scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size)
+    scored = monitor_rows(handle, rows, chats, probe, sampling=sampling if generate else None, max_batch=batch_size,
+                          engine=engine)
     write_rows(scored, out, inputs=[prompts])
     _print_projections(probe, scored, anchors, generate)
     console.print(f"wrote {len(scored)} rows to {out}")
@@ -286,6 +295,14 @@ def screen(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
+    engine: EngineOption = "hf",
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", help="Screen with Ray Data: 'local' (start Ray here), 'auto' (the running cluster) or its address."
+    )] = None,
+    workers: Annotated[int, typer.Option(help="Ray scoring actors, one model each (with --ray).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray actor (with --ray).")] = 0.0,
+    shard_rows: Annotated[int, typer.Option(help="Rows per output shard, the unit a killed --ray run resumes by.")]
+    = 1000,
 ) -> None:
     """Screen training data for samples that would push the model toward a trait.
 
@@ -294,8 +311,11 @@ def screen(
     `delta_p` = projection − base_projection. --base prompt-last: base = the prompt's last token (no generation).
 
     Rows without an answer, with an empty one or over the context are listed in <out>.skipped.jsonl.
+
+    --ray local|auto|ADDRESS --workers N [--gpus-per-worker G]: stream DATA (JSONL/Parquet) through N workers.
     """
     from personascope.apply.screen import screen_dataset
+    from personascope.inference.engines import check_engine
     from personascope.inference.generate import SamplingConfig
     from personascope.vector import PersonaVector
 
@@ -304,12 +324,24 @@ def screen(
     if on_long not in ("skip", "truncate", "error"):
         raise PersonascopeError(f"unknown --on-long {on_long!r}: use skip, truncate or error")
     check_output(out, [data, *([Path(base)] if Path(base).is_file() else [])])
-    handle = Placement(device, dtype, device_map).load(model_for_vector(model, vector))
+    check_engine(engine)
+    sampling = SamplingConfig(max_new_tokens, temperature, seed=seed)
+    model_name = model_for_vector(model, vector)
+    if ray is not None:
+        from personascope.scale.ray_screen import RaySettings, ray_screen
+
+        report = ray_screen(data, vector, out, model=model_name, layer=layer, base=base, sampling=sampling,
+                            engine=engine, on_long=on_long, top_percent=top, filtered_out=write_filtered,
+                            max_batch=batch_size, settings=RaySettings(ray, workers, gpus_per_worker,
+                                                                       shard_rows=shard_rows),
+                            load={"device": device, "dtype": dtype, "device_map": parse_device_map(device_map)})
+        _print_screen(report)
+        return
+    handle = Placement(device, dtype, device_map).load(model_name)
     vec = PersonaVector.load(vector, handle)
     report = screen_dataset(
-        handle, data, vec, out, layer=layer, base=base,
-        sampling=SamplingConfig(max_new_tokens, temperature, seed=seed), on_long=on_long, top_percent=top,
-        filtered_out=write_filtered, max_batch=batch_size,
+        handle, data, vec, out, layer=layer, base=base, sampling=sampling, on_long=on_long, top_percent=top,
+        filtered_out=write_filtered, max_batch=batch_size, engine=engine,
     )
     _print_screen(report)
 

@@ -19,11 +19,8 @@ from personascope.evaluate.search import evaluate_run
 from personascope.extract.selection import PairSelection, select_pairs
 from personascope.hooks import POOLS
 from personascope.inference.activations import EncodedChat, encode, iter_activations
-from personascope.inference.generate import (
-    GenerationResult,
-    SamplingConfig,
-    generate_responses,
-)
+from personascope.inference.engines import check_engine, generate_with
+from personascope.inference.generate import GenerationResult, SamplingConfig
 from personascope.io.files import write_json
 from personascope.io.rundir import JsonlLog, open_run
 from personascope.judge.judges import Judge, judge_coherence, judge_trait, make_judge
@@ -60,6 +57,7 @@ class ExtractConfig:
         token_budget: padded tokens in one batch (generation and activations).
         max_batch: rows in one batch.
         lenient: accept a trait with other counts than 5 pairs and 20 + 20 questions.
+        engine: what generates the contrastive responses: `hf` or `vllm` (see `personascope.inference.engines`).
     """
 
     trait: str
@@ -81,10 +79,12 @@ class ExtractConfig:
     token_budget: int = 16384
     max_batch: int = 64
     lenient: bool = False
+    engine: str = "hf"
 
     def check(self) -> None:
         """Raise for settings that cannot work, naming the setting."""
         get_method(self.method)
+        check_engine(self.engine)
         for name in ("samples", "max_new_tokens", "eval_pairs", "eval_samples", "token_budget", "max_batch"):
             if getattr(self, name) < 1:
                 raise PersonascopeError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -181,6 +181,8 @@ def _identity(config: ExtractConfig, spec: TraitSpec) -> dict[str, Any]:
     budget, so a run that ran out of memory resumes with smaller batches) and the trait's content (by name and
     hash, not by the path it was read from), as plain JSON values."""
     identity: dict[str, Any] = {k: v for k, v in asdict(config).items() if k not in NOT_IDENTITY}
+    if identity["engine"] == "hf":
+        del identity["engine"]  # runs made before there was a choice of engine stay resumable
     text = json.dumps(spec.to_dict(), sort_keys=True, ensure_ascii=False)
     identity.update(trait=spec.name, trait_sha256=hashlib.sha256(text.encode()).hexdigest())
     return json.loads(json.dumps(identity))
@@ -211,9 +213,9 @@ def _generate(handle: ModelHandle, planned: Sequence[dict[str, Any]], config: Ex
         log.append({**by_id[result.id], "response": result.text})
 
     requests = [(p["id"], handle.chat_ids(_messages(p))) for p in planned]
-    made = generate_responses(handle, requests, config.sampling(), done=done, on_result=save,
-                              token_budget=config.token_budget, max_batch=config.max_batch, progress=progress,
-                              description="Generating responses")
+    made = generate_with(config.engine, handle, requests, config.sampling(), done=done, on_result=save,
+                         token_budget=config.token_budget, max_batch=config.max_batch, progress=progress,
+                         description="Generating responses")
     return len(made)
 
 

@@ -174,6 +174,11 @@ class HookManager:
             self._root_handle = self._stack.register_forward_pre_hook(self._on_stack_call, with_kwargs=True)
         return key
 
+    @property
+    def active(self) -> bool:
+        """Whether any operation (steering, capture, ...) is installed on the model now."""
+        return any(self._ops.values())
+
     def remove(self, key: int) -> None:
         self._stop_keys.discard(key)
         for slot, ops in list(self._ops.items()):
