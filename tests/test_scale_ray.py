@@ -132,12 +132,14 @@ def test_bad_settings_and_unreadable_files_are_refused(tiny, local_ray, tmp_path
 
 def test_a_killed_ray_run_resumes_by_shard(tiny, tmp_path):
     handle, vector, model_dir = tiny
-    data = write_jsonl(tmp_path / "data.jsonl", dataset_rows(40))
+    rows, shard_rows = 600, 3  # 200 shards: far more than a fast machine writes between the check and the kill
+    data = write_jsonl(tmp_path / "data.jsonl", dataset_rows(rows))
     out = tmp_path / "scored.jsonl"
     shards = tmp_path / "scored.work" / "ray"
+    total = rows // shard_rows
     command = [sys.executable, "-m", "personascope.cli", "screen", str(data), "-v",
                str(model_dir.parent / "tiny.safetensors"), "--out", str(out), "--model", str(model_dir),
-               "--base", "prompt-last", "--ray", "local", "--workers", "2", "--shard-rows", "4",
+               "--base", "prompt-last", "--ray", "local", "--workers", "2", "--shard-rows", str(shard_rows),
                "--batch-size", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -148,11 +150,11 @@ def test_a_killed_ray_run_resumes_by_shard(tiny, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl")}
-    assert 2 <= len(kept) < 10 and not out.exists()
+    assert 2 <= len(kept) < total and not out.exists()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert all((shards / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not redone
-    assert len(list(shards.glob("shard-*.jsonl"))) == 10 and not list(shards.glob(".shard-*"))
+    assert len(list(shards.glob("shard-*.jsonl"))) == total and not list(shards.glob(".shard-*"))
     single = screen_dataset(handle, data, vector, tmp_path / "single.jsonl", base="prompt-last", progress=False)
     ours, theirs = read_jsonl(out), read_jsonl(single.scored)
     assert [r["id"] for r in ours] == [r["id"] for r in theirs]

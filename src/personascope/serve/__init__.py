@@ -1,10 +1,4 @@
-"""`personascope serve`: an OpenAI-compatible server that steers and monitors persona traits per request.
-
-Example:
-    >>> from personascope.serve import Registry, create_app
-    >>> handle = load_model()
-    >>> app = create_app(handle, Registry.load(handle, {"pirate": "runs/pirate/vector.safetensors"}))
-"""
+"""`personascope serve`: an OpenAI-compatible server that steers and monitors persona traits per request."""
 
 from personascope.serve.app import create_app
 from personascope.serve.background import BackgroundServer

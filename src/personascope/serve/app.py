@@ -1,11 +1,4 @@
-"""The HTTP server: OpenAI-style chat completions with persona steering and monitoring, scoring, metrics.
-
-Routes: `POST /v1/chat/completions` (JSON or SSE stream), `GET /v1/models`, `GET /v1/persona/vectors`,
-`POST /v1/persona/score`, `GET /v1/persona/recent`, `GET /metrics`, `GET /healthz`, and the web page
-(`personascope.serve.web`). With an API key every route but `/healthz` and the page's shell (`/`, `/dashboard`,
-`/web/config`, `/static/...`) needs `Authorization: Bearer KEY`. Every refused request gets a 4xx with an
-OpenAI-style error body.
-"""
+"""The HTTP server: OpenAI-style chat completions with persona steering and monitoring, scoring, metrics."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Run a server app on a free loopback port in a background thread (tests, benchmarks, notebooks).
-
-Example:
-    >>> with BackgroundServer(create_app(handle, registry)) as server:
-    ...     openai.OpenAI(base_url=server.url + "/v1", api_key="-").models.list()
-"""
+"""Run a server app on a free loopback port in a background thread (tests, benchmarks, notebooks)."""
 
 from __future__ import annotations
 

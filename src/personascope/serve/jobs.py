@@ -1,10 +1,4 @@
-"""What a request asks of the scheduler (`GenerationJob`), what it hears back (events), and a row's state.
-
-A row's response projection is the mean of the readings at its response tokens' own positions (read as each
-token is fed to the model), as the held-out `response_avg` evaluation defines it; a monitored row that stops
-at `max_tokens` is fed its last token once more to read it. Its prompt projection is the reading at the last
-prompt token.
-"""
+"""What a request asks of the scheduler (`GenerationJob`), what it hears back (events), and a row's state."""
 
 from __future__ import annotations
 

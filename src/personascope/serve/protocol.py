@@ -1,12 +1,4 @@
-"""The wire format: OpenAI chat-completion requests with a `persona` extension, and OpenAI-style errors.
-
-A request may carry (the openai SDK sends it through `extra_body`):
-
-    "persona": {"steer": [{"vector": "NAME", "coef": 4.0, "layer": 18, "scope": "response"}],
-                "monitor": ["NAME", ...] | true, "trace": false}
-
-Vectors are named only by the names the server registered at start-up, never by paths.
-"""
+"""The wire format: OpenAI chat-completion requests with a `persona` extension, and OpenAI-style errors."""
 
 from __future__ import annotations
 

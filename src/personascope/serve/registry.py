@@ -1,14 +1,4 @@
-"""The vectors a server may use, by name: each with its layer, best coefficient and alert threshold.
-
-Alert threshold rule (a response projection above it raises an alert), first that applies:
-
-1. `--threshold NAME=VALUE` given at start-up;
-2. the vector's `alert_threshold` metadata: written by extraction's recommend stage as the midpoint between the
-   mean held-out response projections of trait-positive and trait-negative answers at the best layer;
-3. for older files, the midpoint of the `pos_mean` and `neg_mean` rows projected on the unit vector at the
-   best layer (the class means of the extraction activations);
-4. none: the vector is still served, but never raises an alert.
-"""
+"""The vectors a server may use, by name: each with its layer, best coefficient and alert threshold."""
 
 from __future__ import annotations
 

@@ -1,16 +1,4 @@
-"""Micro-batching: concurrent requests share one forward pass, each row with its own steering and sampling.
-
-One worker thread owns the model. It takes the requests that have arrived (while they keep coming within
-`batch_wait` seconds of each other, up to `max_batch` rows and `token_budget` padded tokens), left-pads them,
-prefills, then runs its own KV-cached decode loop. Steering is a per-row sum of vectors: one `steer` operation
-per (vector, layer, scope) in the batch with a `[B]` coefficient tensor (0 for rows that do not use it);
-monitoring reads every registered vector through one `GenerationTrace`. Rows that finish or whose client went
-away are dropped from the batch (cache, mask and operations are cut to the remaining rows). New requests wait
-for the running batch to end (no continuous batching).
-
-Readings (see `personascope.serve.jobs`): the prompt's at the prefill's last column (the last prompt token
-under left padding), each response token's at the step that feeds it.
-"""
+"""Micro-batching: concurrent requests share one forward pass, each row with its own steering and sampling."""
 
 from __future__ import annotations
 

@@ -1,15 +1,4 @@
-"""The web playground and persona dashboard: a static page, its assets, and a served run's report.
-
-`mount_web` adds to the server's FastAPI app:
-
-- `GET /` and `GET /dashboard`: the single page (playground and dashboard are two tabs of it);
-- `GET /static/...`: its scripts, styles and the vendored chart library (package data, no CDN);
-- `GET /runs/...`: files of the served run directory (`--runs DIR`), e.g. `/runs/report.html`,
-  only files that resolve inside that directory.
-
-None of these routes needs the API key: the page asks for it once, keeps it in the browser session
-(sessionStorage) and sends it as `Authorization: Bearer KEY` on the API calls, which enforce it.
-"""
+"""The web playground and persona dashboard: a static page, its assets, and a served run's report."""
 
 from __future__ import annotations
 
