@@ -11,8 +11,8 @@ import personascope
 
 ROOT = Path(personascope.__file__).parent
 # Bottom to top: each part may import from itself and the parts before it, never from those after it.
-LAYERS = ["errors", "io", "model", "hooks", "vector", "llm", "traits", "judge", "inference", "evaluate", "extract",
-          "apply", "serve", "scale", "cli"]
+LAYERS = ["errors", "io", "model", "hooks", "vector", "llm", "traits", "judge", "vllm_plugin", "inference", "evaluate",
+          "extract", "apply", "serve", "scale", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -76,6 +76,11 @@ class Probe:
         weight = self.weight.to(pooled.device)
         return pooled.float().flatten(1) @ weight.flatten(0, 1)
 
+    def directions(self) -> dict[str, tuple[Tensor, int]]:
+        """Each vector's name -> (its `[d]` unit direction, the layer it is read at)."""
+        return {name: (self.weight[self.read_layers.index(layer), :, k], layer)
+                for k, (name, layer) in enumerate(zip(self.names, self.layers))}
+
     def columns(self, prefix: str = "projection") -> list[str]:
         """Output column names: `prefix` for one vector, `prefix_<name>` for several."""
         return [prefix] if len(self.names) == 1 else [f"{prefix}_{name}" for name in self.names]
@@ -272,7 +277,7 @@ def monitor_rows(
 
     With `sampling`, the model also answers each chat: the row gets `response` and, per vector, `trace`
     (or `trace_<name>`): the projection that produced each response token, in order. With `engine="vllm"`
-    vLLM answers and the traces are read afterwards in one teacher-forced pass (`apply.traces.replay_traces`).
+    vLLM answers and its workers read the traces (`vllm_plugin`).
     """
     projections = prompt_projections(handle, chats, probe, max_batch=max_batch, progress=progress).tolist()
     out = [{**row, **dict(zip(probe.columns(), values))} for row, values in zip(rows, projections)]
@@ -284,10 +289,9 @@ def monitor_rows(
                                      max_batch=max_batch, progress=progress)
         traces = [result.trace for result in results]
     else:
-        from personascope.apply.traces import replay_traces  # it reads a Probe: imported here, not at the top
-
-        results = generate_with(engine, handle, requests, sampling, max_batch=max_batch, progress=progress)
-        traces = replay_traces(handle, probe, [ids for _, ids in requests], results, max_batch=max_batch)
+        results = generate_with(engine, handle, requests, sampling, monitor=probe.directions(), max_batch=max_batch,
+                                progress=progress)
+        traces = [result.trace for result in results]
     for result, trace in zip(results, traces):
         row = out[int(result.id)]
         row["response"] = result.text

@@ -13,6 +13,7 @@ from personascope.cli.options import (
     DeviceMapOption,
     DeviceOption,
     DtypeOption,
+    EngineOption,
     ModelOption,
     Placement,
     VectorModelOption,
@@ -63,6 +64,7 @@ def generate(
         help="Above 1 discourages repeats (default: the model's, else 1.2; 1 for none).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Pure greedy decoding, no repetition penalty.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    engine: EngineOption = "hf",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
@@ -74,10 +76,12 @@ def generate(
     from dataclasses import replace
 
     from personascope.errors import PersonascopeError
-    from personascope.hooks import steer
+    from personascope.inference.engines import check_engine, generate_with
     from personascope.inference.generate import default_decoding, stream_chat
+    from personascope.inference.steering import Steering, hooked
     from personascope.vector import PersonaVector
 
+    check_engine(engine)
     handle = Placement(device, dtype, device_map).load(model_for_vector(model, vector))
     sampling = default_decoding(handle, max_new_tokens=max_new_tokens, seed=seed)
     if greedy or temperature == 0:
@@ -87,23 +91,25 @@ def generate(
     if repetition_penalty is not None:
         sampling = replace(sampling, repetition_penalty=repetition_penalty)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    steering = None
+    steering: list[Steering] = []
     if vector is not None:
         vec = PersonaVector.load(vector, handle)
         chosen_layer = vec.layer(layer)
         chosen_coef = coef if coef is not None else vec.best_coef
         if chosen_coef is None:
             raise PersonascopeError(f"{vector} records no best coefficient: pass --coef")
-        steering = steer(handle, vec, chosen_layer, chosen_coef, scope)  # type: ignore[arg-type]
+        steering.append(Steering(vec, chosen_layer, chosen_coef, scope))  # type: ignore[arg-type]
         console.print(f"[dim]steering with {vec.trait} at layer {chosen_layer}, coef {chosen_coef:g}, {scope}[/]")
     elif layer is not None or coef is not None:
         raise PersonascopeError("--layer and --coef need --vector")
-    try:
+    if engine == "vllm":
+        request = [("prompt", handle.chat_ids(messages))]
+        console.print(generate_with("vllm", handle, request, sampling, steering=steering, progress=False)[0].text,
+                      markup=False, highlight=False)
+        return
+    with hooked(handle, steering):
         stream_chat(handle, messages, sampling,
                     on_text=lambda text: console.print(text, end="", markup=False, highlight=False))
-    finally:
-        if steering is not None:
-            steering.remove()
     console.print()
 
 

@@ -11,7 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from personascope.cli import app, console
-from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement, model_for_vector
+from personascope.cli.options import (
+    DeviceMapOption,
+    DeviceOption,
+    DtypeOption,
+    EngineOption,
+    Placement,
+    model_for_vector,
+)
 from personascope.errors import PersonascopeError
 
 if TYPE_CHECKING:
@@ -29,6 +36,7 @@ def evaluate(
     pairs: Annotated[int, typer.Option(help="Bare vector: system-prompt pairs answering the eval questions.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Bare vector: length of each eval response.")] = 48,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    engine: EngineOption = "hf",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
@@ -38,12 +46,15 @@ def evaluate(
     eval.json, report.html and the best layer/coefficient in vector.safetensors; with --layers it writes
     eval.layers-TAG.json and report.layers-TAG.html beside them instead (e.g. eval.layers-6-14.json) and
     leaves the run's choice alone."""
+    from personascope.evaluate.result import EvalSettings
+    from personascope.inference.engines import check_engine
     from personascope.io.layers import parse_layers
     from personascope.judge.judges import make_judge
     from personascope.model import DEFAULT_MODEL
     from personascope.vector import PersonaVector
 
     chosen = None if layers is None else parse_layers(layers, option="--layers")
+    settings = EvalSettings(engine=check_engine(engine))
     if target.is_dir():
         if trait is not None:
             raise PersonascopeError("--trait applies to a bare vector file; a run directory has its own trait.json")
@@ -52,7 +63,7 @@ def evaluate(
 
         handle = Placement(device, dtype, device_map).load(model or _run_model(target) or DEFAULT_MODEL)
         scorer = make_judge(judge, base_url=judge_base_url, cache_path=target / "judge_cache.sqlite")
-        result = evaluate_run(target, handle, judge=scorer, layers=chosen, progress=not quiet)
+        result = evaluate_run(target, handle, judge=scorer, layers=chosen, settings=settings, progress=not quiet)
         if chosen is None:
             _update_recommended(target / "vector.safetensors", result)
         report = write_report(target, eval_path(target, chosen))
@@ -66,7 +77,7 @@ def evaluate(
         spec = load_trait(trait or vec.trait)
         scorer = make_judge(judge, base_url=judge_base_url)
         result = evaluate_vector(handle, vec, spec, judge=scorer, layers=chosen, pairs=pairs,
-                                 max_new_tokens=max_new_tokens, progress=not quiet)
+                                 max_new_tokens=max_new_tokens, settings=settings, progress=not quiet)
         report = None
     else:
         raise PersonascopeError(f"{target} does not exist: give a run directory or a .safetensors vector file")

@@ -18,6 +18,7 @@ from personascope.cli.options import (
     DeviceMapOption,
     DeviceOption,
     DtypeOption,
+    EngineOption,
     Placement,
     VectorModelOption,
     model_for_vector,
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 Anchor = Optional[tuple[float, float]]
 VectorsOption = Annotated[list[Path], typer.Option("--vector", "-v", help="Persona vector file; repeat for several.")]
 BatchOption = Annotated[int, typer.Option(help="Most rows per forward batch.")]
-EngineOption = Annotated[str, typer.Option(
-    help="What generates unsteered answers: hf (transformers) or vllm (needs .venv-vllm: make setup-vllm).")]
 SPARKS = "▁▂▃▄▅▆▇█"
 
 

@@ -72,3 +72,7 @@ def model_for_vector(model: str | None, vector: Path | None) -> str:
             f"{vector} was made for the local model {recorded!r}, which is not here: pass --model with its directory"
         )
     return recorded
+
+EngineOption = Annotated[str, typer.Option(
+    help="What generates: hf (transformers, the reference) or vllm (steering and monitoring on its workers; "
+         "needs .venv-vllm: make setup-vllm).")]

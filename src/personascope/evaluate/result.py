@@ -29,6 +29,7 @@ class EvalSettings:
         token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
         split_seed: seed of the split of the held-out questions into a selection and a report part.
         bootstrap: resamples of the report part's rows for the AUROC interval.
+        engine: what generates the curve's answers: `hf` or `vllm` (steered on vLLM's workers).
     """
 
     margin_pairs: int = 8
@@ -42,6 +43,7 @@ class EvalSettings:
     token_budget: int = 2048
     split_seed: int = 0
     bootstrap: int = 1000
+    engine: str = "hf"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from personascope.evaluate.separation import (
 )
 from personascope.evaluate.steering import MIN_COHERENCE, judge_answers, steered_answers
 from personascope.inference.activations import EncodedChat
-from personascope.inference.generate import SamplingConfig, default_decoding, generate_responses
+from personascope.inference.engines import generate_with
+from personascope.inference.generate import SamplingConfig, default_decoding
 from personascope.inference.likelihood import response_loglik
 from personascope.io.files import write_json
 from personascope.io.layers import check_layer
@@ -134,7 +135,7 @@ def _curve(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, judge: 
     fractions = [0.0, *sorted(settings.fractions)]
     decoding = default_decoding(handle, max_new_tokens=settings.curve_max_new_tokens)  # as `generate` answers
     answers = [steered_answers(handle, questions, vector=vector, layer=layer, coef=sweep.coef(layer, f),
-                               sampling=decoding, progress=progress) for f in fractions]
+                               sampling=decoding, engine=settings.engine, progress=progress) for f in fractions]
     plain = repetition(answers[0])
     plain_ll = plain_loglik(handle, questions, answers[0], token_budget=settings.token_budget)
     points = []
@@ -324,9 +325,10 @@ def evaluate_vector(
     requests = [(r["id"], handle.chat_ids([{"role": "system", "content": r["system"]},
                                            {"role": "user", "content": r["question"]}])) for r in planned]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    answers = generate_responses(handle, requests, sampling, progress=progress, description="Eval responses")
+    settings = settings or EvalSettings()
+    answers = generate_with(settings.engine, handle, requests, sampling, progress=progress,
+                            description="Eval responses")
     rows = [{**r, "response": a.text} for r, a in zip(planned, answers) if a.text.strip()]
-    result = _evaluate(handle, vector, trait, rows, judge=judge, layers=layers,
-                       settings=settings or EvalSettings(), progress=progress)
+    result = _evaluate(handle, vector, trait, rows, judge=judge, layers=layers, settings=settings, progress=progress)
     result.counts["eval_empty_skipped"] = len(planned) - len(rows)
     return result

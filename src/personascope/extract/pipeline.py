@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +320,8 @@ def _evaluate(handle: ModelHandle, judge: Judge | None, config: ExtractConfig, r
             pass  # an older or damaged eval.json: evaluate again
     _clear_after(run, "eval.json")
     layers = list(config.eval_layers) if config.eval_layers is not None else None
-    evaluate_run(run, handle, judge=judge, layers=layers, settings=config.evaluation, progress=progress, out=path)
+    settings = replace(config.evaluation or EvalSettings(), engine=config.engine)  # the curve's answers too
+    evaluate_run(run, handle, judge=judge, layers=layers, settings=settings, progress=progress, out=path)
     return Evaluation.load(path)  # as a rerun reads it
 
 
