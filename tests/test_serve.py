@@ -1,4 +1,5 @@
-"""`personascope serve` end to end: the real openai SDK against a live uvicorn server on 127.0.0.1.
+"""`personascope serve` end to end: the real openai SDK against a live uvicorn server on 127.0.0.1, once per
+engine: `hf` here, `vllm` in .venv-vllm (`make test-vllm`).
 
 The pirate vector is the shared one of `tests/pirate.py` (built in seconds, best layer 13, coefficient 2.0).
 """
@@ -21,15 +22,24 @@ pytestmark = pytest.mark.slow
 KEY = "test-key-123"
 
 
-@pytest.fixture(scope="module")
-def server(embedded, pirate_vector_file):
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def server(request, embedded, pirate_vector_file):
     from personascope.serve import BackgroundServer, Limits, Registry, create_app
 
+    if request.param == "vllm":
+        pytest.importorskip("vllm")
     registry = Registry.load(embedded, {"pirate": pirate_vector_file})
     app = create_app(embedded, registry, api_key=KEY, limits=Limits(max_tokens=64, max_body_bytes=20_000,
-                                                                      max_messages=8), batch_wait=0.02)
-    with BackgroundServer(app) as live:
-        yield live
+                                                                      max_messages=8), batch_wait=0.02,
+                     engine=request.param)
+    try:
+        with BackgroundServer(app, start_timeout=600) as live:
+            yield live
+    finally:
+        if request.param == "vllm":
+            from personascope.inference.vllm_engine import close_engines
+
+            close_engines()
 
 
 @pytest.fixture(scope="module")

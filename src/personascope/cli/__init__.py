@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -30,6 +31,7 @@ def _register_commands() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries our results, not vLLM's logs
     _register_commands()
     try:
         app()

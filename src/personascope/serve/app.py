@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personascope.inference.activations import encode, read_activations
+from personascope.inference.engines import check_engine
 from personascope.model.loading import ModelHandle
 from personascope.serve.chat import (
     Plan,
@@ -129,8 +130,9 @@ def _sse(body: dict[str, Any]) -> str:
 
 def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None = None, limits: Limits = Limits(),
                max_batch: int = 16, batch_wait: float = 0.02, token_budget: int = 16384,
-               runs_dir: Path | None = None, recent_size: int = 200) -> FastAPI:
-    """The FastAPI app serving `handle` with the vectors of `registry` (the scheduler runs while the app does).
+               runs_dir: Path | None = None, recent_size: int = 200, engine: str = "hf") -> FastAPI:
+    """The FastAPI app serving `handle` with the vectors of `registry` (the scheduler runs while the app does);
+    `engine="vllm"` generates with vLLM (steered and read on its workers), `hf` with our own decode loop.
 
     Example:
         >>> app = create_app(load_model(), Registry.load(handle, {"pirate": "pirate.safetensors"}))
@@ -139,8 +141,12 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
     from personascope.serve.web import mount_web
 
     metrics = ServeMetrics()
-    scheduler = Scheduler(registry, max_batch=max_batch, token_budget=token_budget, batch_wait=batch_wait,
-                          on_batch=metrics.on_batch, on_row=metrics.on_row)
+    if check_engine(engine) == "vllm":
+        from personascope.serve.vllm_scheduler import VllmScheduler as scheduler_class
+    else:
+        scheduler_class = Scheduler
+    scheduler = scheduler_class(registry, max_batch=max_batch, token_budget=token_budget, batch_wait=batch_wait,
+                                on_batch=metrics.on_batch, on_row=metrics.on_row)
     recent = RecentTraffic(recent_size)
     served = handle.name
 
