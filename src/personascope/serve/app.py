@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personascope.inference.activations import encode, read_activations
+from personascope.io.checks import check_count, check_number
 from personascope.model.loading import ModelHandle
 from personascope.serve.chat import (
     Plan,
@@ -156,6 +157,9 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
     """
     from personascope.serve.web import mount_web
 
+    check_count("max_batch", max_batch)
+    check_count("token_budget", token_budget)
+    check_number("batch_wait", batch_wait, 0)
     metrics = ServeMetrics()
     scheduler = Scheduler(registry, max_batch=max_batch, token_budget=token_budget, batch_wait=batch_wait,
                           max_queue=limits.max_queue, on_batch=metrics.on_batch, on_row=metrics.on_row)

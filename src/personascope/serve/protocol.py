@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from personascope.io.checks import MIN_TEMPERATURE, REPETITION_PENALTY_RANGE, SEED_RANGE, check_count, check_number
 
-#: The sampling bounds where the maths still holds (a positive temperature below `MIN_TEMPERATURE`, or a
-#: repetition penalty near 0, overflows the logits to inf/NaN); the upper ones are OpenAI's.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.1, 2.0
-MAX_COUNT_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], as OpenAI's
-SEED_RANGE = (-(2**63), 2**63 - 1)
+
+#: The sampling bounds: the lower ones where the maths still holds (`personascope.io.checks`), the upper ones
+#: OpenAI's; frequency and presence penalties lie in [-2, 2], as OpenAI's.
+MAX_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_COUNT_PENALTY = 2.0, 2.0, 2.0
+MIN_REPETITION_PENALTY = REPETITION_PENALTY_RANGE[0]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,13 @@ class Limits:
     max_coef: float = 1000.0
     max_queue: int = 256
     retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_body_bytes", "max_messages", "max_queue", "retry_after_s"):
+            check_count(name, getattr(self, name))
+        for name in ("max_steer", "max_stop"):
+            check_count(name, getattr(self, name), 0)
+        check_number("max_coef", self.max_coef, 0)
 
 
 class Message(BaseModel):
