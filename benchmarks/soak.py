@@ -3,8 +3,9 @@
 A real `personascope serve` process on loopback; each client thread streams chat completions one after another
 (1 in `--leave-every` of them reads a few chunks, then closes the connection). Reported: requests that stayed and
 failed (must be 0), requests refused with 503 (the bounded queue; retried after Retry-After), the server's
-resident memory (RSS, from /proc) at the start, middle and end, and the server's own counts from /metrics
-(rows by how they ended, tokens spent on clients that left).
+resident memory (RSS, from /proc, sampled every `--sample-every` s; start, middle and end are the medians of the
+first, middle and last third of the samples after `--warmup`), and the server's own counts from /metrics (rows
+by how they ended, tokens spent on clients that left).
 
     python benchmarks/soak.py --json results/soak.json                  # the embedded model, 150 s
     python benchmarks/soak.py --model /path/to/tiny-model --duration 30
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -105,9 +108,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     server = subprocess.Popen([sys.executable, "-m", "personascope.cli", "serve", "--model", args.model, "--port",
                                str(port), "--max-tokens", str(args.max_tokens), "--max-queue", str(args.max_queue)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -140,8 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait(60)
-    after_warmup = [rss for t, rss in samples if t >= args.warmup] or [samples[-1][1]]
-    middle = samples[len(samples) // 2][1]
+    steady = [rss for t, rss in samples if t >= args.warmup] or [samples[-1][1]]
+    thirds = [statistics.median(steady[i * len(steady) // 3:max((i + 1) * len(steady) // 3, i * len(steady) // 3 + 1)])
+              for i in range(3)]
     figures = {
         "benchmark": "soak",
         "machine": machine(),
@@ -150,13 +155,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration,
         "leave_every": args.leave_every,
         "max_tokens": args.max_tokens,
+        "server_threads": args.threads or "torch default",
         "requests": tally.counts,
         "failed_among_those_that_stayed": tally.counts["failed"],
         "failures": tally.failures,
         "healthy_at_end": alive,
-        "rss_mib": {"start": samples[0][1], "after_warmup": after_warmup[0], "middle": middle,
-                    "end": samples[-1][1], "max": max(rss for _, rss in samples)},
-        "rss_growth_after_warmup_mib": round(samples[-1][1] - after_warmup[0], 1),
+        "rss_mib": {"before_load": samples[0][1], "start": thirds[0], "middle": thirds[1], "end": thirds[2],
+                    "min_after_warmup": min(steady), "max": max(rss for _, rss in samples)},
+        "rss_growth_start_to_end_mib": round(thirds[2] - thirds[0], 1),
         "rss_samples": samples,
         "server_rows": {reason: metric(text, "personascope_rows_total", reason=reason)
                         for reason in ("stop", "length", "cancelled", "failed")},
@@ -168,8 +174,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ["clients that hung up mid-stream", tally.counts["left"]],
         ["failed among those that stayed", tally.counts["failed"]],
         ["refused with 503 (queue full), retried", tally.counts["refused_503"]],
-        ["server RSS start / after warm-up / middle / end (MiB)",
-         f"{samples[0][1]:.0f} / {after_warmup[0]:.0f} / {middle:.0f} / {samples[-1][1]:.0f}"],
+        ["server RSS before load (MiB)", f"{samples[0][1]:.0f}"],
+        ["server RSS start / middle / end (median of each third, MiB)",
+         f"{thirds[0]:.0f} / {thirds[1]:.0f} / {thirds[2]:.0f}"],
+        ["server RSS max (MiB)", f"{max(rss for _, rss in samples):.0f}"],
         ["rows cancelled (server) / their tokens", f"{figures['server_rows']['cancelled']:.0f} / "
                                                     f"{figures['server_tokens']['cancelled']:.0f}"],
         ["healthy at the end", alive],
@@ -191,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=20, help="seconds before the RSS baseline (default 20)")
     p.add_argument("--sample-every", type=float, default=5, help="seconds between RSS samples (default 5)")
     p.add_argument("--timeout", type=float, default=300, help="a client's read timeout in seconds (default 300)")
+    p.add_argument("--threads", type=int, help="the server's torch CPU threads (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--trait", default="evil", help="built-in trait whose questions are the prompts")
     p.add_argument("--json", help="write the figures here")
     return p

@@ -136,11 +136,7 @@ class Scheduler:
                 if isinstance(item, _Call):
                     self._run_call(item)
                     continue
-                jobs, stop = [item], False
-                try:
-                    jobs, stop = self._gather(item)
-                except Exception:  # nothing is lost: the jobs gathered so far run (or fail) below
-                    log.exception("gathering a batch failed")
+                jobs, stop = self._gather(item)
                 self._run_batch(jobs)
                 if stop:
                     return
