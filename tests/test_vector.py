@@ -130,7 +130,7 @@ def _crafted(path, tensors, **meta):
     ({"directions": torch.randn(2, 3, 8)}, {}, "must be [L+1, d]"),
     ({"directions": torch.ones(5, 8, dtype=torch.int32)}, {}, "dtype int32"),
     ({"directions": torch.ones(5, 8, dtype=torch.bool)}, {}, "dtype bool"),
-    ({"directions": torch.randn(5, 8)}, {"hidden_size": "576"}, "hidden_size '576' but the directions tensor is (5, 8)"),
+    ({"directions": torch.randn(5, 8)}, {"hidden_size": "576"}, "hidden_size '576' but the directions tensor is"),
     ({"directions": torch.randn(5, 8)}, {"num_layers": "30"}, "num_layers '30'"),
     ({"directions": torch.randn(5, 8)}, {"best_layer": "9"}, "best_layer '9' is not a layer of this vector (0..4)"),
     ({"directions": torch.randn(5, 8)}, {"best_layer": "two"}, "best_layer 'two'"),

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from personascope.io.checks import MIN_TEMPERATURE, REPETITION_PENALTY_RANGE, SEED_RANGE, check_count, check_number
 
-
 #: The sampling bounds: the lower ones where the maths still holds (`personascope.io.checks`), the upper ones
 #: OpenAI's; frequency and presence penalties lie in [-2, 2], as OpenAI's.
 MAX_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_COUNT_PENALTY = 2.0, 2.0, 2.0
