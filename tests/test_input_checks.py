@@ -102,3 +102,29 @@ def test_checks_name_the_setting_and_its_range() -> None:
         with pytest.raises(InputError) as refused:
             call()
         assert message in str(refused.value)
+
+
+def test_fine_tuning_settings_and_the_guard_are_checked_the_same_way() -> None:
+    from personascope.apply.finetune import FinetuneConfig
+    from personascope.apply.guard import PreventativeSteering
+
+    for bad, needle in ((dict(lr=float("nan")), "lr nan"), (dict(batch_size=0), "batch_size 0"),
+                        (dict(epochs=float("inf")), "epochs inf"), (dict(max_steps=-3), "max_steps -3"),
+                        (dict(lora_dropout=1.0), "lora_dropout 1"), (dict(epochs=0, max_steps=-1), "epochs or")):
+        with pytest.raises(InputError, match=needle):
+            FinetuneConfig(**bad).check()
+    FinetuneConfig().check()
+    with pytest.raises(InputError, match="guard coefficient inf"):
+        PreventativeSteering(torch.ones(3, 2), 1, coef=float("inf"))
+
+
+def test_every_batched_reader_refuses_a_batch_size_or_budget_below_1(tiny_chat) -> None:
+    from personascope.inference.activations import encode, read_activations
+    from personascope.model import load_model
+
+    handle = load_model(str(tiny_chat))
+    chats = [encode(handle, "a", [{"role": "user", "content": "hi"}], "hello")]
+    for bad, needle in ((dict(max_batch=0), "max_batch 0"), (dict(token_budget=-1), "token_budget -1")):
+        with pytest.raises(InputError, match=needle):
+            read_activations(handle, chats, [1], ("response_avg",), progress=False, **bad)
+    assert read_activations(handle, chats, [1], ("response_avg",), progress=False)["response_avg"].shape[0] == 1
