@@ -221,7 +221,7 @@ def test_an_oversize_chunked_body_is_refused_before_scheduling(live) -> None:
     assert small.status_code == 200  # a chunked body within the limit is served
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_a_stopped_worker_is_unhealthy(handle, tmp_path) -> None:
+def test_a_full_queue_answers_503_and_a_dead_worker_is_restarted(handle, tmp_path) -> None:
     app = create_app(handle, Registry.load(handle, {}), limits=Limits(max_tokens=LONG, max_queue=1), max_batch=1)
     long = _chat("Write a long story.", max_tokens=LONG, temperature=0, stream=True)
     with BackgroundServer(app) as server, httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
@@ -236,11 +236,19 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_stopped_worker_is_unhea
         _wait_for(lambda: app.state.scheduler.waiting == 0)
         assert _post(server.url, ORDINARY).status_code == 200
 
-        app.state.scheduler.stop()  # a worker that no longer runs: unhealthy, and requests fail at once
+        scheduler = app.state.scheduler
+        scheduler._queue.put(None)  # the worker thread ends without stop(), as a crash would end it
+        _wait_for(lambda: _metric(server.url, "personascope_worker_restarts_total") == 1)  # a new one started
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+        assert _post(server.url, ORDINARY).status_code == 200
+
+        scheduler.stop()  # stopped on purpose: unhealthy, not started again, and requests fail at once
         health = httpx.get(server.url + "/healthz", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
         start = time.monotonic()
         assert _post(server.url, ORDINARY, timeout=10).status_code == 503 and time.monotonic() - start < 5
-        app.state.scheduler.start()
+        time.sleep(1.5)  # past the watchdog's period: a stopped worker stays stopped
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 503
+        scheduler.start()
         assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
         assert _post(server.url, ORDINARY).status_code == 200

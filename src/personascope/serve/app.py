@@ -45,6 +45,9 @@ PUBLIC_PREFIXES = ("/static/",)
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/persona/vectors", "/v1/persona/score",
            "/v1/persona/recent", "/metrics", "/healthz", "/")
 
+#: How often the server checks that its model worker thread still runs.
+WATCHDOG_S = 1.0
+
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
@@ -136,6 +139,14 @@ async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+async def _revive(scheduler: Scheduler, metrics: ServeMetrics) -> None:
+    """Every `WATCHDOG_S`, start a new model worker should the last one have died (counted in /metrics)."""
+    while True:
+        await asyncio.sleep(WATCHDOG_S)
+        if scheduler.revive():
+            metrics.worker_restarts.inc()
+
+
 async def _client_left(request: Request) -> None:
     """Returns once the client of `request` (whose body was read) has disconnected."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -169,9 +180,11 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
+        watchdog = asyncio.ensure_future(_revive(scheduler, metrics))
         try:
             yield
         finally:
+            watchdog.cancel()
             await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -29,6 +29,8 @@ class ServeMetrics:
                             "cancelled: the client left, failed)", ["reason"], registry=r)
         self.row_tokens = Counter("personascope_row_tokens", "Tokens generated, by how their request ended (those "
                                   "of cancelled requests were spent on clients that left)", ["reason"], registry=r)
+        self.worker_restarts = Counter("personascope_worker_restarts", "Model worker threads started again after "
+                                       "the last one died", registry=r)
         self.queue_depth = Gauge("personascope_queue_depth", "Requests waiting for the model", registry=r)
         self.score = Histogram("personascope_persona_projection", "Persona projections of monitored requests",
                                ["vector", "kind"], buckets=_SCORE_BUCKETS, registry=r)

@@ -71,13 +71,18 @@ class Scheduler:
         self._backlog: deque[GenerationJob | _Call] = deque()
         self._ends = end_ids(self.handle)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # start-again (`revive`) against `stop`
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="personascope-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the running batch, fail what waits, and end the thread."""
+        with self._lock:
+            self._stopping = True
         if self._thread is None:
             return
         self._queue.put(None)
@@ -101,6 +106,16 @@ class Scheduler:
     def alive(self) -> bool:
         """Whether the worker thread runs (False before `start`, after `stop`, or should it ever die)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def revive(self) -> bool:
+        """Start a new worker thread if the last one ended without `stop` (it died); True if it did. What waits
+        in the queue is served by the new thread."""
+        with self._lock:
+            if self._stopping or self._thread is None or self._thread.is_alive():
+                return False
+            log.error("the model worker thread had ended: starting a new one")
+            self.start()
+            return True
 
     def submit(self, job: GenerationJob) -> None:
         """Queue `job`; `Unavailable` when `max_queue` jobs already wait or the worker is not running."""
