@@ -237,8 +237,12 @@ def test_a_full_queue_answers_503_and_a_dead_worker_is_restarted(handle, tmp_pat
         assert _post(server.url, ORDINARY).status_code == 200
 
         scheduler = app.state.scheduler
+        held: list = []
+        orphan = GenerationJob([1], RowSampling(max_tokens=1), held.append)
+        scheduler._held = [orphan]  # as if the thread died in the middle of a batch holding this job
         scheduler._queue.put(None)  # the worker thread ends without stop(), as a crash would end it
         _wait_for(lambda: _metric(server.url, "personascope_worker_restarts_total") == 1)  # a new one started
+        assert len(held) == 1 and isinstance(held[0], Failed)  # the job it held hears why, never hangs
         assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
         assert _post(server.url, ORDINARY).status_code == 200
 

@@ -73,6 +73,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # start-again (`revive`) against `stop`
         self._stopping = False
+        self._held: list[GenerationJob] = []  # the jobs of the running batch
 
     def start(self) -> None:
         self._stopping = False
@@ -108,12 +109,15 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def revive(self) -> bool:
-        """Start a new worker thread if the last one ended without `stop` (it died); True if it did. What waits
-        in the queue is served by the new thread."""
+        """Start a new worker thread if the last one ended without `stop` (it died); True if it did. The jobs it
+        held fail; what waits in the queue is served by the new thread."""
         with self._lock:
             if self._stopping or self._thread is None or self._thread.is_alive():
                 return False
             log.error("the model worker thread had ended: starting a new one")
+            for job in self._held:  # what the dead thread held hears why (a finished job's listener is gone)
+                job.sink(Failed("the model worker failed; retry"))
+            self._held = []
             self.start()
             return True
 
@@ -152,7 +156,9 @@ class Scheduler:
                     self._run_call(item)
                     continue
                 jobs, stop = self._gather(item)
+                self._held = jobs
                 self._run_batch(jobs)
+                self._held = []
                 if stop:
                     return
 
