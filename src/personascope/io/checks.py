@@ -16,13 +16,16 @@ REPETITION_PENALTY_RANGE = (0.1, 10.0)
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
+def _text(bound: float) -> str:
+    return f"{bound:g}" if abs(bound) < 1e15 else str(bound)  # whole seeds, not 9.22337e+18
+
+
 def _bounds(low: float | None, high: float | None, open_low: bool) -> str:
     if low is not None and high is not None:
-        return f"must be in {'(' if open_low else '['}{low:g}, {high:g}]" if max(abs(low), abs(high)) < 1e15 else \
-            f"must be in [{low}, {high}]"
+        return f"must be in {'(' if open_low else '['}{_text(low)}, {_text(high)}]"
     if low is not None:
-        return f"must be {'above' if open_low else 'at least'} {low:g}"
-    return f"must be at most {high:g}" if high is not None else "must be a finite number"
+        return f"must be {'above' if open_low else 'at least'} {_text(low)}"
+    return f"must be at most {_text(high)}" if high is not None else "must be a finite number"
 
 
 def check_number(name: str, value: float, low: float | None = None, high: float | None = None, *,
