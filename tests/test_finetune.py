@@ -108,18 +108,19 @@ def test_cli_checks_everything_before_training(tiny_chat, tmp_path):
     other = PersonaVector(torch.randn(31, 576), "optimistic", "smollm2-135m").save(tmp_path / "other.safetensors")
     common = ["--model", tiny_chat, "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8"]
     failing = {
-        "nan": (_cli(data, "--out", tmp_path / "o1", "--guard", nan, *common), "NaN"),
-        "other model": (_cli(data, "--out", tmp_path / "o2", "--guard", other, *common), "does not fit"),
+        "nan": (_cli(data, "--out", tmp_path / "o1", "--guard", nan, *common), "NaN", 1),
+        "other model": (_cli(data, "--out", tmp_path / "o2", "--guard", other, *common), "does not fit", 1),
         "layer": (_cli(data, "--out", tmp_path / "o3", "--guard", good, "--guard-layers", "9", *common),
-                  "out of range"),
-        "no answers": (_cli(no_answers, "--out", tmp_path / "o4", "--guard", good, *common), "no assistant message"),
+                  "out of range", 2),  # a bad value given: exit 2
+        "no answers": (_cli(no_answers, "--out", tmp_path / "o4", "--guard", good, *common), "no assistant message",
+                       1),
     }
     ok = _cli(data, "--out", tmp_path / "ok", "--guard", good, "--guard-layers", "all", "--monitor", good,
               "--monitor-every", "1", *common)
-    for name, (proc, message) in failing.items():
+    for name, (proc, message, code) in failing.items():
         stdout, stderr = proc.communicate(timeout=300)
         lines = stderr.strip().splitlines()
-        assert proc.returncode == 1, (name, stderr)
+        assert proc.returncode == code, (name, stderr)
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, stderr)
         assert not any(tmp_path.glob("o[0-9]/*")), name  # refused before anything was written
     stdout, stderr = ok.communicate(timeout=600)

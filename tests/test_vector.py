@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import personascope as ps
 from personascope.vector import PersonaVector
@@ -110,3 +111,43 @@ def test_bad_vectors_are_refused(tmp_path):
     junk.write_bytes(b"not a tensor file")
     with pytest.raises(ps.PersonascopeError, match="not a safetensors"):
         PersonaVector.load(junk)
+
+
+def _crafted(path, tensors, **meta):
+    """A safetensors file written directly, as another tool or a damaged copy would leave it."""
+    base = {"format": "personascope.vector/1", "trait": "evil", "model": "m"}
+    save_file(tensors, str(path), metadata={**base, **meta})
+    return path
+
+
+@pytest.mark.parametrize("tensors, meta, message", [
+    ({"directions": torch.randn(5, 8).index_put_((torch.tensor(2), torch.tensor(3)), torch.tensor(float("inf")))},
+     {}, "NaN or infinite"),
+    ({"directions": torch.randn(5, 8), "pos_mean": torch.full((5, 8), float("nan"))}, {}, "pos_mean for 'evil'"),
+    ({"directions": torch.randn(5, 8), "neg_mean": torch.randn(4, 8)}, {}, "neg_mean has shape (4, 8)"),
+    ({"directions": torch.randn(8)}, {}, "must be [L+1, d]"),
+    ({"directions": torch.randn(1, 8)}, {}, "L >= 1"),
+    ({"directions": torch.randn(2, 3, 8)}, {}, "must be [L+1, d]"),
+    ({"directions": torch.ones(5, 8, dtype=torch.int32)}, {}, "dtype int32"),
+    ({"directions": torch.ones(5, 8, dtype=torch.bool)}, {}, "dtype bool"),
+    ({"directions": torch.randn(5, 8)}, {"hidden_size": "576"}, "hidden_size '576' but the directions tensor is"),
+    ({"directions": torch.randn(5, 8)}, {"num_layers": "30"}, "num_layers '30'"),
+    ({"directions": torch.randn(5, 8)}, {"best_layer": "9"}, "best_layer '9' is not a layer of this vector (0..4)"),
+    ({"directions": torch.randn(5, 8)}, {"best_layer": "two"}, "best_layer 'two'"),
+    ({"directions": torch.randn(5, 8)}, {"best_coef": "nan"}, "best_coef 'nan' is not a finite number"),
+    ({"directions": torch.randn(5, 8)}, {"alert_threshold": "inf"}, "alert_threshold 'inf'"),
+    ({"directions": torch.randn(5, 8)}, {"format": "personascope.vector/9"}, "has format 'personascope.vector/9'"),
+    ({"pos_mean": torch.randn(5, 8)}, {}, "no 'directions' tensor"),
+])
+def test_damaged_or_contradictory_vector_files_are_refused_on_load(tmp_path, tensors, meta, message):
+    path = _crafted(tmp_path / "v.safetensors", tensors, **meta)
+    with pytest.raises(ps.PersonascopeError) as refused:
+        PersonaVector.load(path)
+    assert message in str(refused.value) and str(path) in str(refused.value)
+
+
+def test_a_crafted_file_that_agrees_with_itself_loads(tmp_path):
+    path = _crafted(tmp_path / "v.safetensors", {"directions": torch.randn(5, 8, dtype=torch.float16)},
+                    hidden_size="8", num_layers="4", best_layer="", best_coef="2.5")
+    vector = PersonaVector.load(path)
+    assert vector.directions.dtype == torch.float32 and vector.best_layer is None and vector.best_coef == 2.5

@@ -2,4 +2,8 @@
 
 
 class PersonascopeError(Exception):
-    """A user-facing error. The CLI prints its message as one line and exits non-zero."""
+    """A user-facing error. The CLI prints its message as one line and exits non-zero (1)."""
+
+
+class InputError(PersonascopeError):
+    """A value the user gave is out of its range (NaN, inf, negative, too large, …): the CLI exits 2."""

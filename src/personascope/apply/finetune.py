@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -14,7 +13,8 @@ from torch import Tensor
 
 from personascope.apply.callbacks import TraitMonitorCallback
 from personascope.apply.guard import PreventativeSteering
-from personascope.errors import PersonascopeError
+from personascope.errors import InputError, PersonascopeError
+from personascope.io.checks import SEED_RANGE, check_count, check_number
 from personascope.io.data import BadRow, ChatSample
 from personascope.io.files import write_json
 from personascope.io.rundir import versions
@@ -55,15 +55,17 @@ class FinetuneConfig:
     report_to: str = "none"
 
     def check(self) -> None:
+        """Raise `InputError` for a setting out of its range, naming it."""
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise PersonascopeError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise PersonascopeError(f"learning rate must be a positive number, got {self.lr}")
+            check_count(name, getattr(self, name))
+        check_number("lr", self.lr, 0, open_low=True)
+        check_number("epochs", self.epochs, 0)
+        check_count("max_steps", self.max_steps, -1)
+        check_count("seed", self.seed, *SEED_RANGE)
         if self.max_steps < 1 and not self.epochs > 0:
-            raise PersonascopeError("give a positive number of epochs or max_steps")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise PersonascopeError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise InputError("give a positive number of epochs or max_steps")
+        if check_number("lora_dropout", self.lora_dropout, 0, 1) == 1:
+            raise InputError("lora_dropout 1 drops everything: give a value in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ optimiser has no reason to move the weights that way; every other pass sees the 
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from personascope.hooks import (
     add_op,
     checked_direction,
 )
+from personascope.io.checks import check_number
 from personascope.io.layers import parse_layers
 from personascope.model import ModelHandle, as_module
 from personascope.vector import PersonaVector
@@ -91,8 +91,7 @@ class PreventativeSteering:
             raise PersonascopeError(f"unknown guard mode {mode!r}: use steer or ablate")
         if incremental and mode != "steer":
             raise PersonascopeError("incremental applies to mode='steer' only: ablation removes each layer's own direction")
-        if not isinstance(coef, (int, float)) or not math.isfinite(coef):
-            raise PersonascopeError(f"guard coefficient must be a finite number, got {coef!r}")
+        check_number("guard coefficient", coef)
         self.vector = vector
         self.layers = layers
         self.coef = float(coef)

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from personascope.errors import PersonascopeError
+from personascope.errors import InputError, PersonascopeError
 
 app = typer.Typer(
     name="personascope",
@@ -30,11 +30,13 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: exit 2 for a bad value (`InputError`), 1 for any other `PersonascopeError`."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries our results, not vLLM's logs
+    from personascope.cli.options import checked
+
     _register_commands()
     try:
-        app()
+        checked(typer.main.get_command(app))()
     except PersonascopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, InputError) else 1)

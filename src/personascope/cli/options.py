@@ -1,8 +1,10 @@
-"""Options shared by every command that loads a model: `--model`, `--device`, `--dtype`, `--device-map`."""
+"""Options shared by every command that loads a model (`--model`, `--device`, `--dtype`, `--device-map`), and the
+ranges every numeric option takes."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from personascope.errors import PersonascopeError
+from personascope.io.checks import REPETITION_PENALTY_RANGE, SEED_RANGE, check_count, check_number, check_temperature
 
 if TYPE_CHECKING:
     from personascope.model import ModelHandle
@@ -72,6 +75,61 @@ def model_for_vector(model: str | None, vector: Path | None) -> str:
             f"{vector} was made for the local model {recorded!r}, which is not here: pass --model with its directory"
         )
     return recorded
+
+
+def _count(low: int = 1) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_count(name, value, low)
+
+
+def _range(low: float | None = None, high: float | None = None, open_low: bool = False) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_number(name, value, low, high, open_low=open_low)
+
+
+#: Every numeric option of every command, by parameter name: the range it takes. A numeric option not named here
+#: must still be finite. `checked` attaches these to the commands, so a bad value is one `error:` line, exit 2,
+#: before anything is loaded or written.
+NUMERIC_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
+    **dict.fromkeys(("coef", "guard_coef"), _range()),
+    "temperature": check_temperature,
+    "top_p": _range(0, 1, open_low=True),
+    "repetition_penalty": _range(*REPETITION_PENALTY_RANGE),
+    "seed": lambda name, value: check_count(name, value, *SEED_RANGE),
+    "layer": _count(0),
+    **dict.fromkeys(("threshold", "coherence_threshold"), _range(0, 100)),
+    "top": _range(0, 100, open_low=True),
+    **dict.fromkeys(("epochs", "lr"), _range(0, open_low=True)),
+    "max_steps": _count(-1),
+    **dict.fromkeys(("gpus_per_worker", "batch_wait_ms"), _range(0)),
+    "port": lambda name, value: check_count(name, value, 1, 65535),
+    **dict.fromkeys(("max_new_tokens", "samples", "eval_samples", "eval_pairs", "pairs", "token_budget", "batch_size",
+                     "max_batch", "lora_r", "lora_alpha", "grad_accum", "max_length", "monitor_every", "workers",
+                     "shard_rows", "max_tokens", "max_body_bytes", "max_messages", "max_queue"), _count()),
+}
+
+
+def checked(command: Any) -> Any:
+    """`command` (a Typer app's command, see `typer.main.get_command`), and every subcommand, with the
+    `NUMERIC_OPTIONS` checks on its numeric parameters."""
+    for sub in getattr(command, "commands", {}).values():
+        checked(sub)
+    for param in command.params:
+        descriptor = getattr(param, "type_descriptor", None)
+        if getattr(descriptor, "annotation", None) not in (int, float):
+            continue
+        check = NUMERIC_OPTIONS.get(param.name or "", _range())
+        param.callback = _callback(check, max(param.opts, key=len), param.callback)
+    return command
+
+
+def _callback(check: Callable[[str, Any], Any], name: str, then: Callable[..., Any] | None) -> Callable[..., Any]:
+    def callback(ctx: Any, param: Any, value: Any) -> Any:
+        for item in value if isinstance(value, tuple | list) else [value]:
+            if item is not None:
+                check(name, item)
+        return then(ctx, param, value) if then is not None else value
+
+    return callback
+
 
 EngineOption = Annotated[str, typer.Option(
     help="What generates: hf (transformers, the reference) or vllm (steering and monitoring on its workers; "

@@ -10,7 +10,8 @@ import typer
 from personascope.cli import app, err_console
 from personascope.cli.core import ModelOption
 from personascope.cli.options import EngineOption
-from personascope.errors import PersonascopeError
+from personascope.errors import InputError, PersonascopeError
+from personascope.io.checks import check_number
 from personascope.model.loading import DEFAULT_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -48,6 +49,8 @@ def serve(
                                                       "this many ms of each other (at most 10× in all).")] = 20.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
     max_messages: Annotated[int, typer.Option(help="Most messages in one request.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for the model; beyond, 503 with Retry-After.")]
+    = 256,
     runs: Annotated[Optional[Path], typer.Option(help="A run directory whose report the dashboard links.")] = None,
     engine: EngineOption = "hf",
 ) -> None:
@@ -66,16 +69,16 @@ def serve(
     thresholds = {}
     for name, value in _pairs(threshold, "--threshold").items():
         try:
-            thresholds[name] = float(value)
+            number = float(value)
         except ValueError:
-            raise PersonascopeError(f"--threshold {name}={value}: the threshold must be a number") from None
+            raise InputError(f"--threshold {name}={value}: the threshold must be a number") from None
+        thresholds[name] = check_number(f"--threshold {name}", number)
     if runs is not None and not runs.is_dir():
         raise PersonascopeError(f"--runs {runs} is not a directory")
-    if not 0 < port < 65536:
-        raise PersonascopeError(f"--port {port} is not a TCP port")
     handle = load_model(model)
     registry = Registry.load(handle, files, thresholds)
-    limits = Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_messages=max_messages)
+    limits = Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_messages=max_messages,
+                    max_queue=max_queue)
     app_ = create_app(handle, registry, api_key=api_key or None, limits=limits, max_batch=max_batch,
                       batch_wait=batch_wait_ms / 1000, runs_dir=runs, engine=engine)
     if host not in LOOPBACK:

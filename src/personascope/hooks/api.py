@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from personascope.errors import PersonascopeError
+from personascope.errors import InputError, PersonascopeError
 from personascope.hooks.manager import (
     SCOPES,
     HookHandle,
@@ -27,6 +27,7 @@ from personascope.hooks.operations import (
     checked_direction,
     clamp_op,
 )
+from personascope.io.checks import check_number
 from personascope.model import ModelHandle, as_module
 
 
@@ -60,6 +61,12 @@ def steer(
     """
     if scope not in SCOPES:
         raise PersonascopeError(f"unknown token scope {scope!r}: use one of {', '.join(SCOPES)}")
+    if isinstance(coef, Tensor):
+        if not bool(torch.isfinite(coef).all()):
+            raise InputError("coef holds NaN or infinite values")
+    else:
+        check_number("coef", coef)
+    check_number("value", value)
     manager = HookManager.of(model)
     layers = [layer] if isinstance(layer, int) else list(layer)
     ops: list[tuple[int, Operation, str]] = []

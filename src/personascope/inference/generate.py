@@ -12,6 +12,7 @@ from torch import Tensor
 from transformers import TextStreamer
 
 from personascope.errors import PersonascopeError
+from personascope.io.checks import check_sampling
 from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
 from personascope.model.batching import left_pad, memory_hint, plan_batches
@@ -32,11 +33,11 @@ class SamplingConfig:
     seed: int = 0
     repetition_penalty: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_sampling(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                       seed=self.seed, max_new_tokens=self.max_new_tokens)
+
     def generate_kwargs(self) -> dict[str, Any]:
-        if self.max_new_tokens < 1:
-            raise PersonascopeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.repetition_penalty <= 0:
-            raise PersonascopeError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
         common = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
         if self.temperature <= 0:
             return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **common}

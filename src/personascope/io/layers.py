@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from personascope.errors import PersonascopeError
+from personascope.errors import InputError
 
 _FORMAT = "give a layer, layers like 8,10,12, a range like 6-14, or 'all'"
 
@@ -18,7 +18,7 @@ def parse_layers(choice: str | int | Sequence[int], num_layers: int | None = Non
         layers = sorted(set(choice))
     elif choice.strip().lower() == "all":
         if num_layers is None:
-            raise PersonascopeError(f"{option} 'all' is not available here: list the layers, e.g. 8,10,12 or 6-14")
+            raise InputError(f"{option} 'all' is not available here: list the layers, e.g. 8,10,12 or 6-14")
         layers = list(range(1, num_layers))
     else:
         layers = []
@@ -27,10 +27,10 @@ def parse_layers(choice: str | int | Sequence[int], num_layers: int | None = Non
                 low, _, high = part.partition("-")
                 layers += list(range(int(low), int(high) + 1)) if high else [int(low)]
         except ValueError:
-            raise PersonascopeError(f"{option} {choice!r}: {_FORMAT}") from None
+            raise InputError(f"{option} {choice!r}: {_FORMAT}") from None
         layers = sorted(set(layers))
     if not layers:
-        raise PersonascopeError(f"no {option} given: {_FORMAT}")
+        raise InputError(f"no {option} given: {_FORMAT}")
     return layers
 
 
@@ -40,7 +40,7 @@ def check_layer(layer: int, num_layers: int, *, low: int = 0, high: int | None =
     high = num_layers if high is None else high
     if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= high:
         hint = "" if (low, high) == (0, num_layers) else " here"
-        raise PersonascopeError(
+        raise InputError(
             f"layer {layer} is out of range: {owner} has layers 0..{num_layers}, use {low}..{high}{hint} "
             "(0 = embeddings, l = output of decoder layer l-1)"
         )

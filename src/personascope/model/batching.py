@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from personascope.errors import PersonascopeError
+from personascope.io.checks import check_count
 
 #: Messages of allocation failures on the CPU (torch raises a plain RuntimeError there).
 _CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "Cannot allocate memory")
@@ -17,8 +18,12 @@ _CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int, max_batch: int) -> list[list[int]]:
     """Group request indices into batches of similar length whose padded size stays within `token_budget`.
 
-    Indices are sorted longest first (an out-of-memory error shows at once, not at the end).
+    Indices are sorted longest first (an out-of-memory error shows at once, not at the end). A budget or batch
+    size below 1 (or a negative `max_new_tokens`) is an `InputError`: every batched reader and generator plans here.
     """
+    check_count("token_budget", token_budget)
+    check_count("max_batch", max_batch)
+    check_count("max_new_tokens", max_new_tokens, 0)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []

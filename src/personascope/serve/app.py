@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personascope.inference.activations import encode, read_activations
 from personascope.inference.engines import check_engine
+from personascope.io.checks import check_count, check_number
 from personascope.model.loading import ModelHandle
 from personascope.serve.chat import (
     Plan,
@@ -35,7 +36,7 @@ from personascope.serve.metrics import ServeMetrics
 from personascope.serve.protocol import APIError, ChatRequest, Limits, ScoreRequest, error_body
 from personascope.serve.recent import RecentTraffic
 from personascope.serve.registry import Registry
-from personascope.serve.scheduler import Scheduler
+from personascope.serve.scheduler import Scheduler, Unavailable
 
 log = logging.getLogger("personascope.serve")
 
@@ -44,15 +45,19 @@ PUBLIC_PATHS = frozenset({"/healthz", "/", "/dashboard", "/web/config"})
 PUBLIC_PREFIXES = ("/static/",)
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/persona/vectors", "/v1/persona/score",
            "/v1/persona/recent", "/metrics", "/healthz", "/")
-#: How often a waiting non-streamed request checks whether its client is still there.
-_DISCONNECT_POLL_S = 0.5
+
+#: How often the server checks that its model worker thread still runs.
+WATCHDOG_S = 1.0
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
 class _Gate:
-    """ASGI middleware: API key, body size limit, and request metrics (count and latency by route)."""
+    """ASGI middleware: API key, body size limit, and request metrics (count and latency by route).
+
+    The whole body is read (up to the limit) before the app sees the request, so an oversize body, chunked or
+    not, is refused with 413 before anything is parsed or scheduled."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int, metrics: ServeMetrics) -> None:
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
@@ -66,33 +71,30 @@ class _Gate:
         scheme, _, token = given.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
+    async def _body(self, receive: Any) -> bytes | None:
+        """The request body, or None when it passes the limit or the client leaves before sending it all."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status, too_large = time.perf_counter(), [500], [False]
+        start, status = time.perf_counter(), [500]
 
-        async def send_checked(message: dict[str, Any]) -> None:
-            if too_large[0]:  # the app saw a cut body; answer 413 instead of what it made of it
-                if message["type"] == "http.response.start":
-                    await _send_json(send, 413, _too_large(self.max_body))
-                    status[0] = 413
-                return
+        async def send_counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
-
-        received = 0
-
-        async def receive_limited() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    too_large[0] = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
 
         try:
             if not self._authorized(scope):
@@ -106,7 +108,21 @@ class _Gate:
                 body = _too_large(self.max_body) if length.isdigit() else error_body("bad Content-Length header")
                 await _send_json(send, status[0], body)
                 return
-            await self.app(scope, receive_limited, send_checked)
+            data = await self._body(receive)
+            if data is None:
+                status[0] = 413
+                await _send_json(send, 413, _too_large(self.max_body))
+                return
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                return await receive()  # after the body: waits for the client to leave
+
+            await self.app(scope, replay, send_counted)
         finally:
             route = scope["path"] if scope["path"] in _ROUTES else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
@@ -122,6 +138,20 @@ async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
+
+
+async def _revive(scheduler: Scheduler, metrics: ServeMetrics) -> None:
+    """Every `WATCHDOG_S`, start a new model worker should the last one have died (counted in /metrics)."""
+    while True:
+        await asyncio.sleep(WATCHDOG_S)
+        if scheduler.revive():
+            metrics.worker_restarts.inc()
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client of `request` (whose body was read) has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(body: dict[str, Any]) -> str:
@@ -140,22 +170,27 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
     """
     from personascope.serve.web import mount_web
 
+    check_count("max_batch", max_batch)
+    check_count("token_budget", token_budget)
+    check_number("batch_wait", batch_wait, 0)
     metrics = ServeMetrics()
     if check_engine(engine) == "vllm":
         from personascope.serve.vllm_scheduler import VllmScheduler as scheduler_class
     else:
         scheduler_class = Scheduler
     scheduler = scheduler_class(registry, max_batch=max_batch, token_budget=token_budget, batch_wait=batch_wait,
-                                on_batch=metrics.on_batch, on_row=metrics.on_row)
+                                max_queue=limits.max_queue, on_batch=metrics.on_batch, on_row=metrics.on_row)
     recent = RecentTraffic(recent_size)
     served = handle.name
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
+        watchdog = asyncio.ensure_future(_revive(scheduler, metrics))
         try:
             yield
         finally:
+            watchdog.cancel()
             await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -194,7 +229,11 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
                 job.cancelled.set()
 
         job = GenerationJob(p.prompt_ids, p.sampling, sink, p.steer, p.monitor, p.trace)
-        scheduler.submit(job)
+        try:
+            scheduler.submit(job)
+        except Unavailable as exc:
+            raise APIError(503, f"{exc}; retry later", type="server_error", code="server_busy",
+                           headers={"Retry-After": str(limits.retry_after_s)}) from None
         metrics.queue_depth.set(scheduler.waiting)
         return job, events
 
@@ -232,14 +271,15 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
     async def complete(p: Plan, job: GenerationJob, events: asyncio.Queue[Event], request: Request) -> Response:
         text, prompt = [], {}
         trace: dict[str, list[float]] | None = {n: [] for n in p.monitor} if p.trace else None
+        left = asyncio.ensure_future(_client_left(request))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait((getter, left), return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the client left: its row ends at the next decoding step
+                    getter.cancel()
+                    return Response(status_code=499)
+                event = getter.result()
                 if isinstance(event, Started):
                     prompt = event.prompt
                 elif isinstance(event, Delta):
@@ -253,6 +293,7 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
                 else:
                     return JSONResponse(error_body(event.message, "server_error"), status_code=500)
         finally:
+            left.cancel()
             job.cancelled.set()
 
     @app.post("/v1/chat/completions")
@@ -308,8 +349,11 @@ def create_app(handle: ModelHandle, registry: Registry, *, api_key: str | None =
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": served, "vectors": len(registry.names)}
+    async def healthz() -> JSONResponse:
+        """200 `ok` while the model worker runs; 503 `unavailable` when it does not (restart the process)."""
+        alive = scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "unavailable", "model": served,
+                             "vectors": len(registry.names)}, status_code=200 if alive else 503)
 
     mount_web(app, runs_dir=runs_dir)
     app.add_middleware(_Gate, api_key=api_key, max_body=limits.max_body_bytes, metrics=metrics)
@@ -321,7 +365,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

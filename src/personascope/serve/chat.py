@@ -81,6 +81,8 @@ def row_sampling(handle: ModelHandle, req: ChatRequest, max_tokens: int, stops: 
         seed=req.seed,
         stop=stops,
         repetition_penalty=penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
     )
 
 

@@ -50,6 +50,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """The row failed (its own sampling, or the batch it ran in); `message` says why."""
+
     message: str
 
 
@@ -82,7 +84,8 @@ class Row:
         self.final = False
         self.readings: list[Tensor] = []
         self.unsent: list[Tensor] = []
-        self.done: str | None = None
+        self.done: str | None = None  # stop, length, cancelled or failed
+        self.error = ""
         self.closed = False
 
     def start(self, reading: Tensor | None) -> None:
@@ -90,8 +93,12 @@ class Row:
         prompt = {} if reading is None else {n: float(reading[c]) for n, c in zip(names, self.columns)}
         self.job.sink(Started(prompt))
 
-    def take(self, token: int, ends: set[int]) -> None:
-        """A sampled token: the end of turn ends the row; `max_tokens` ends it after its last feed."""
+    def take(self, token: int | None, ends: set[int]) -> None:
+        """A sampled token (None: the row's sampling failed): the end of turn ends the row; `max_tokens` ends it
+        after its last feed."""
+        if token is None:
+            self.done, self.error = "failed", "sampling failed: the next-token distribution is not finite"
+            return
         if token in ends:
             self.done = "stop"
             return
@@ -127,6 +134,9 @@ class Row:
 
     def finish(self, reason: str) -> None:
         self.closed = True
+        if reason == "failed":
+            self.job.sink(Failed(self.error))
+            return
         rest = self.text.flush()
         if rest or self.unsent:
             self._send(rest)

@@ -25,8 +25,12 @@ class ServeMetrics:
                                        registry=r)
         self.batch_size = Histogram("personascope_batch_size", "Rows per micro-batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.rows = Counter("personascope_rows", "Batch rows ended, by reason (stop, length, cancelled)",
-                            ["reason"], registry=r)
+        self.rows = Counter("personascope_rows", "Requests ended by the model worker, by reason (stop, length, "
+                            "cancelled: the client left, failed)", ["reason"], registry=r)
+        self.row_tokens = Counter("personascope_row_tokens", "Tokens generated, by how their request ended (those "
+                                  "of cancelled requests were spent on clients that left)", ["reason"], registry=r)
+        self.worker_restarts = Counter("personascope_worker_restarts", "Model worker threads started again after "
+                                       "the last one died", registry=r)
         self.queue_depth = Gauge("personascope_queue_depth", "Requests waiting for the model", registry=r)
         self.score = Histogram("personascope_persona_projection", "Persona projections of monitored requests",
                                ["vector", "kind"], buckets=_SCORE_BUCKETS, registry=r)
@@ -39,9 +43,10 @@ class ServeMetrics:
         if seconds > 0:
             self.tokens_per_second.set(tokens / seconds)
 
-    def on_row(self, reason: str) -> None:
-        """Scheduler callback as each row ends."""
+    def on_row(self, reason: str, tokens: int) -> None:
+        """Scheduler callback as each row ends, with the tokens it generated."""
         self.rows.labels(reason).inc()
+        self.row_tokens.labels(reason).inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,30 +45,45 @@ class _Call:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
+class Unavailable(Exception):
+    """`submit` refused a job: the queue is full or the worker is not running."""
+
+
 class Scheduler:
     """The model's worker thread: `submit` generation jobs, `call` anything else that needs the model.
 
-    `on_batch(rows, tokens, seconds)` runs after each batch, `on_row(reason)` as each row ends.
+    At most `max_queue` jobs wait (`submit` raises `Unavailable` beyond). A failure fails only the rows it touched
+    (one row's sampling, or one batch) and the worker goes on with the next. `on_batch(rows, tokens, seconds)` runs
+    after each batch, `on_row(reason, tokens)` as each row ends (`stop`, `length`, `cancelled` or `failed`, and
+    the tokens it had generated).
     """
 
     def __init__(self, registry: Registry, *, max_batch: int = 16, token_budget: int = 16384,
-                 batch_wait: float = 0.02, on_batch: Callable[[int, int, float], None] | None = None,
-                 on_row: Callable[[str], None] | None = None) -> None:
+                 batch_wait: float = 0.02, max_queue: int = 256,
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 on_row: Callable[[str, int], None] | None = None) -> None:
         self.registry = registry
         self.handle = registry.handle
         self.max_batch, self.token_budget, self.batch_wait = max_batch, token_budget, batch_wait
+        self.max_queue = max_queue
         self.on_batch, self.on_row = on_batch, on_row
         self._queue: queue.Queue[GenerationJob | _Call | None] = queue.Queue()
         self._backlog: deque[GenerationJob | _Call] = deque()
         self._ends = end_ids(self.handle)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # start-again (`revive`) against `stop`
+        self._stopping = False
+        self._held: list[GenerationJob] = []  # the jobs of the running batch
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="personascope-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the running batch, fail what waits, and end the thread."""
+        with self._lock:
+            self._stopping = True
         if self._thread is None:
             return
         self._queue.put(None)
@@ -88,7 +103,30 @@ class Scheduler:
                 item.sink(Failed("the server is shutting down"))
         self._backlog.clear()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before `start`, after `stop`, or should it ever die)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def revive(self) -> bool:
+        """Start a new worker thread if the last one ended without `stop` (it died); True if it did. The jobs it
+        held fail; what waits in the queue is served by the new thread."""
+        with self._lock:
+            if self._stopping or self._thread is None or self._thread.is_alive():
+                return False
+            log.error("the model worker thread had ended: starting a new one")
+            for job in self._held:  # what the dead thread held hears why (a finished job's listener is gone)
+                job.sink(Failed("the model worker failed; retry"))
+            self._held = []
+            self.start()
+            return True
+
     def submit(self, job: GenerationJob) -> None:
+        """Queue `job`; `Unavailable` when `max_queue` jobs already wait or the worker is not running."""
+        if not self.alive:
+            raise Unavailable("the model worker is not running")
+        if self.waiting >= self.max_queue:
+            raise Unavailable(f"the server is busy: {self.waiting} requests are waiting")
         self._queue.put(job)
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
@@ -118,9 +156,9 @@ class Scheduler:
                     self._run_call(item)
                     continue
                 jobs, stop = self._gather(item)
-                jobs = [j for j in jobs if not j.cancelled.is_set()]
-                if jobs:
-                    self._run_batch(jobs)
+                self._held = jobs
+                self._run_batch(jobs)
+                self._held = []
                 if stop:
                     return
 
@@ -161,28 +199,50 @@ class Scheduler:
             item.future.set_exception(exc)
 
     def _run_batch(self, jobs: list[GenerationJob]) -> None:
-        batch = _Batch(self, jobs)
+        """Run `jobs` as one batch: a job whose row cannot be built fails alone, a failing batch fails its own
+        rows only; nothing escapes to the worker loop."""
+        rows = []
+        for job in jobs:
+            if job.cancelled.is_set():  # its client left while it waited: it never costs a token
+                if self.on_row is not None:
+                    self.on_row("cancelled", 0)
+                continue
+            try:
+                rows.append(Row(job, [self.registry.names.index(n) for n in job.monitor], self.handle.tokenizer))
+            except Exception as exc:
+                log.warning("a request was refused by the worker: %s", exc)
+                self._fail(job, f"the request could not be run: {exc}")
+        if not rows:
+            return
+        batch: _Batch | None = None
         try:
+            batch = _Batch(self, rows)
             batch.run()
         except Exception as exc:
-            log.exception("batch of %d failed", len(jobs))
-            for row in batch.rows:
+            log.exception("batch of %d failed", len(rows))
+            for row in batch.rows if batch is not None else rows:
                 if not row.closed:
-                    row.job.sink(Failed(f"generation failed: {exc}"))
+                    self._fail(row.job, f"generation failed: {exc}", row.count)
         finally:
-            batch.close()
+            if batch is not None:
+                batch.close()
+
+    def _fail(self, job: GenerationJob, message: str, tokens: int = 0) -> None:
+        job.sink(Failed(message))
+        if self.on_row is not None:
+            self.on_row("failed", tokens)
 
 
 class _Batch:
     """One running batch: its rows, KV cache, mask, steering operations and readings."""
 
-    def __init__(self, scheduler: Scheduler, jobs: list[GenerationJob]) -> None:
+    def __init__(self, scheduler: Scheduler, rows: list[Row]) -> None:
         self.s = scheduler
-        registry = scheduler.registry
         self.handle = scheduler.handle
-        self.rows = [Row(j, [registry.names.index(n) for n in j.monitor], self.handle.tokenizer) for j in jobs]
+        self.rows = rows
         self.manager = HookManager.of(self.handle)
-        self.trace = GenerationTrace(self.handle, registry.probe) if any(j.monitor for j in jobs) else None
+        monitored = any(r.job.monitor for r in rows)
+        self.trace = GenerationTrace(self.handle, scheduler.registry.probe) if monitored else None
         self.steering: list[HookHandle] = []
         self.lengths_key: int | None = None
         self.tokens = 0
@@ -201,7 +261,8 @@ class _Batch:
             row.start(None if readings is None else readings[i])
         while True:
             chosen = next_tokens(logits, [r.job.sampling for r in self.rows], [r.generator for r in self.rows],
-                                 [r.job.prompt_ids + r.text.tokens for r in self.rows])
+                                 [r.job.prompt_ids + r.text.tokens for r in self.rows],
+                                 [r.text.tokens for r in self.rows])
             for row, token in zip(self.rows, chosen):
                 row.take(token, self.s._ends)
             self.tokens += len(self.rows)
@@ -239,7 +300,7 @@ class _Batch:
             else:
                 row.finish(row.done)
                 if self.s.on_row is not None:
-                    self.s.on_row(row.done)
+                    self.s.on_row(row.done, row.count)
         if len(keep) == len(self.rows):
             return None
         self.rows = [self.rows[i] for i in keep]

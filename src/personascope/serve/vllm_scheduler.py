@@ -3,16 +3,12 @@ each request steered and read on the workers by the persona plugin."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from personascope.inference.generate import end_ids
 from personascope.inference.vllm_engine import (
     engine_for,
     prompt_for,
@@ -22,6 +18,7 @@ from personascope.inference.vllm_engine import (
 from personascope.serve.decode import TextStream
 from personascope.serve.jobs import Delta, Failed, Finished, GenerationJob, Started
 from personascope.serve.registry import Registry
+from personascope.serve.scheduler import Scheduler
 from personascope.vllm_plugin import EXTRA_KEY, PersonaSpec, SteerItem
 
 log = logging.getLogger("personascope.serve")
@@ -65,61 +62,33 @@ class _Request:
         return {n: (sum(v) / len(v) if v else None) for n, v in kept.items()}
 
 
-class VllmScheduler:
-    """The `Scheduler` interface on vLLM: `submit` generation jobs, `call` anything else between engine steps.
+class VllmScheduler(Scheduler):
+    """The `Scheduler` on vLLM: the same queue, calls, bounds and health, with vLLM's engine stepping the jobs
+    (continuous batching: a job joins the running batch at the next step).
 
     A monitored row asks the engine for one token more than it may keep, so that the last kept token is read
     too (its reading comes from the forward pass that feeds it); that extra token is never sent.
     """
 
-    def __init__(self, registry: Registry, *, on_batch: Callable[[int, int, float], None] | None = None,
-                 on_row: Callable[[str], None] | None = None, **_: Any) -> None:
-        self.registry = registry
-        self.handle = registry.handle
-        self.on_batch, self.on_row = on_batch, on_row
-        self._queue: queue.Queue[GenerationJob | tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
-        self._queue = queue.Queue()
-        self._ends = sorted(end_ids(self.handle))
+    def __init__(self, registry: Registry, **settings: Any) -> None:
+        super().__init__(registry, **settings)  # max_batch, token_budget and batch_wait do not apply: vLLM schedules
+        self._end_ids = sorted(self._ends)
         self._active: dict[str, _Request] = {}
-        self._thread: threading.Thread | None = None
         self._llm: Any = None
 
     def start(self) -> None:
-        self._llm = engine_for(self.handle)
-        for name, served in self.registry.vectors.items():
-            register_vector(self._llm, served.vector, name, served.layer)
-        self._thread = threading.Thread(target=self._loop, name="personascope-vllm", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Abort what runs, fail what waits, and end the thread."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = None
-
-    def submit(self, job: GenerationJob) -> None:
-        self._queue.put(job)
-
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        """Run `fn` on the scheduler thread between engine steps."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((fn, future))
-        return future
-
-    @property
-    def waiting(self) -> int:
-        return self._queue.qsize()
+        if self._llm is None:
+            self._llm = engine_for(self.handle)
+            for name, served in self.registry.vectors.items():
+                register_vector(self._llm, served.vector, name, served.layer)
+        super().start()
 
     # -- the loop ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         engine = self._llm.llm_engine
         try:
-            while True:
-                if not self._take(block=not self._active):
-                    break
+            while self._take(block=not self._active):
                 self._cancel_abandoned(engine)
                 if not engine.has_unfinished_requests():
                     continue
@@ -131,28 +100,26 @@ class VllmScheduler:
                     log.exception("engine step failed")
                     self._fail_active(engine, f"generation failed: {exc}")
                     continue
+                finally:
+                    self._held = [r.job for r in self._active.values()]
                 if self.on_batch is not None and outputs:
                     self.on_batch(len(outputs), sum(len(o.outputs[0].token_ids) for o in outputs),
                                   time.perf_counter() - start)
         finally:
-            self._shutdown(engine)
+            self._fail_active(engine, "the server is shutting down")
 
     def _take(self, block: bool) -> bool:
         """Start the jobs and run the calls that wait; False when asked to stop."""
         while True:
             try:
-                item = self._queue.get(block=block)
+                item = self._next(None if block else 0)
             except queue.Empty:
                 return True
             block = False
             if item is None:
                 return False
-            if isinstance(item, tuple):
-                fn, future = item
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the caller
-                    future.set_exception(exc)
+            if not isinstance(item, GenerationJob):
+                self._run_call(item)
             elif not item.cancelled.is_set():
                 self._add(item)
 
@@ -168,7 +135,8 @@ class VllmScheduler:
         params = SamplingParams(
             n=1, max_tokens=s.max_tokens + (1 if job.monitor else 0), temperature=0.0 if greedy else s.temperature,
             top_p=1.0 if greedy else s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
-            stop_token_ids=self._ends, skip_special_tokens=True, detokenize=False,
+            frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+            stop_token_ids=self._end_ids, skip_special_tokens=True, detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_KEY: spec.to_json()} if steer or job.monitor else None,
         )
@@ -236,23 +204,13 @@ class VllmScheduler:
             request.job.sink(Delta(rest, trace))
         request.job.sink(Finished(reason, len(request.job.prompt_ids), request.count, request.response_mean()))
         if self.on_row is not None:
-            self.on_row(reason)
+            self.on_row(reason, request.count)
 
     def _fail_active(self, engine: Any, message: str) -> None:
         if self._active:
             engine.abort_request(list(self._active))
         for request in self._active.values():
             request.job.sink(Failed(message))
+            if self.on_row is not None:
+                self.on_row("failed", request.count)
         self._active.clear()
-
-    def _shutdown(self, engine: Any) -> None:
-        self._fail_active(engine, "the server is shutting down")
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, tuple):
-                item[1].set_exception(RuntimeError("the server is shutting down"))
-            elif item is not None:
-                item.sink(Failed("the server is shutting down"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,11 +50,17 @@ class PersonaVector:
     neg_mean: Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.directions = torch.as_tensor(self.directions).detach().float().cpu()
-        if self.directions.dim() != 2:
-            raise PersonascopeError(f"persona vector directions must be [L+1, d], got {tuple(self.directions.shape)}")
-        if not torch.isfinite(self.directions).all():
-            raise PersonascopeError(f"persona vector for {self.trait!r} contains NaN or infinite values")
+        self.directions = _checked("directions", self.directions, self.trait)
+        shape = tuple(self.directions.shape)
+        if len(shape) != 2 or shape[0] < 2 or shape[1] < 1:
+            raise PersonascopeError(f"persona vector directions must be [L+1, d] with L >= 1, got {shape}")
+        for name in ("pos_mean", "neg_mean"):
+            mean = getattr(self, name)
+            if mean is not None:
+                setattr(self, name, _checked(name, mean, self.trait))
+                if tuple(getattr(self, name).shape) != shape:
+                    raise PersonascopeError(f"persona vector {name} has shape {tuple(mean.shape)}, its directions "
+                                            f"{shape}")
 
     @property
     def num_layers(self) -> int:
@@ -154,10 +161,11 @@ class PersonaVector:
         if meta.get("format", FORMAT) != FORMAT:
             raise PersonascopeError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT}")
         trait, name = meta.pop("trait", path.stem), meta.pop("model", "")
-        for key in ("format", "hidden_size", "num_layers"):
-            meta.pop(key, None)
+        recorded = {key: meta.pop(key, None) for key in ("hidden_size", "num_layers")}
+        meta.pop("format", None)
         try:
             vector = cls(tensors["directions"], trait, name, meta, tensors.get("pos_mean"), tensors.get("neg_mean"))
+            _check_metadata(vector, recorded)
         except PersonascopeError as exc:
             raise PersonascopeError(f"{path}: {exc}") from None
         if float(vector.directions.norm()) == 0.0:
@@ -193,6 +201,39 @@ class PersonaVector:
         vector = cls(read_pt(path), name, model.name, {"method": "mean_diff", "source": path.name})
         vector.check_model(model)
         return vector
+
+
+def _checked(name: str, tensor: Tensor, trait: str) -> Tensor:
+    """`tensor` as float32 on the CPU, refused when it is not floating point or holds NaN or inf."""
+    tensor = torch.as_tensor(tensor).detach()
+    if not tensor.is_floating_point():
+        raise PersonascopeError(f"persona vector {name} has dtype {str(tensor.dtype).removeprefix('torch.')}: "
+                                "a vector holds floating-point numbers (float32)")
+    tensor = tensor.float().cpu()
+    if not torch.isfinite(tensor).all():
+        raise PersonascopeError(f"persona vector {name} for {trait!r} contains NaN or infinite values")
+    return tensor
+
+
+def _check_metadata(vector: PersonaVector, recorded: dict[str, str | None]) -> None:
+    """The file's metadata must agree with its tensors: sizes, and a best layer and coefficient that can be used."""
+    actual = {"hidden_size": vector.hidden_size, "num_layers": vector.num_layers}
+    for key, value in recorded.items():
+        if value is not None and value.strip() != str(actual[key]):
+            raise PersonascopeError(f"its metadata says {key} {value!r} but the directions tensor is "
+                                    f"{tuple(vector.directions.shape)} ({key} {actual[key]}): a damaged or edited file")
+    layer = vector.metadata.get("best_layer") or None  # absent or empty: none chosen
+    if layer is not None and (vector.best_layer is None or not 0 <= vector.best_layer <= vector.num_layers):
+        raise PersonascopeError(f"its best_layer {layer!r} is not a layer of this vector (0..{vector.num_layers})")
+    for key in ("best_coef", "alert_threshold"):
+        value = vector.metadata.get(key) or None
+        if value is not None:
+            try:
+                number = float(value)
+            except ValueError:
+                number = float("nan")
+            if not math.isfinite(number):
+                raise PersonascopeError(f"its {key} {value!r} is not a finite number")
 
 
 def vector_metadata(path: str | Path) -> dict[str, str]:
