@@ -22,7 +22,8 @@ from personascope.inference.activations import EncodedChat, encode, iter_activat
 from personascope.inference.engines import check_engine, generate_with
 from personascope.inference.generate import GenerationResult, SamplingConfig
 from personascope.io.files import write_json
-from personascope.io.rundir import JsonlLog, open_run
+from personascope.io.records import RecordLog
+from personascope.io.rundir import open_run
 from personascope.judge.judges import Judge, judge_coherence, judge_trait, make_judge
 from personascope.model import DEFAULT_MODEL, ModelHandle, load_model
 from personascope.traits import TraitSpec, load_trait
@@ -157,7 +158,7 @@ def extract(
     planned = plan_rows(spec, samples=config.samples, eval_pairs=config.eval_pairs,
                         eval_samples=config.eval_samples)
     generated = _generate(handle, planned, config, run, progress)
-    rows = [r for r in (JsonlLog(run / "responses.jsonl").read().get(p["id"]) for p in planned) if r is not None]
+    rows = [r for r in (RecordLog(run / "responses.jsonl").rows().get(p["id"]) for p in planned) if r is not None]
     scores, failures = _judge(judge, spec, rows, run, progress) if judge is not None else (None, 0)
     selection = select_pairs(rows, scores, threshold=config.threshold, coherence_threshold=config.coherence_threshold)
     summary = {"responses": len(rows), "pairs": selection.total, "empty_pairs": selection.empty,
@@ -202,8 +203,8 @@ def _clear_after(run: Path, stage: str | None) -> None:
 
 def _generate(handle: ModelHandle, planned: Sequence[dict[str, Any]], config: ExtractConfig, run: Path,
               progress: bool) -> int:
-    log = JsonlLog(run / "responses.jsonl")
-    done = set(log.read())
+    log = RecordLog(run / "responses.jsonl")
+    done = set(log.rows())
     if all(p["id"] in done for p in planned):
         return 0
     _clear_after(run, None)
@@ -226,8 +227,8 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
 def _judge(judge: Judge, spec: TraitSpec, rows: Sequence[dict[str, Any]], run: Path,
            progress: bool) -> tuple[dict[str, dict[str, Any]], int]:
     """Score rows that have no score yet or whose scoring failed; returns scores by id and the failures left."""
-    log = JsonlLog(run / "scores.jsonl")
-    scores = log.read()
+    log = RecordLog(run / "scores.jsonl")
+    scores = log.rows()
     todo = [r for r in rows if r["id"] not in scores or scores[r["id"]].get("error")]
     if todo:
         _clear_after(run, None)

@@ -16,7 +16,8 @@ from personascope.errors import PersonascopeError
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
 
-    A crash or an exception leaves `path` as it was (and no temporary file behind).
+    The temporary file is synced before the rename and the folder after it. A crash or an exception (a full disk,
+    a file-size limit) leaves `path` as it was, and no temporary file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,23 +25,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def _fsync(path: str | Path) -> None:
+    """Sync a written file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) atomically, synced to disk before the rename."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    return atomic_write(path, write)
+    """Write `text` (UTF-8) atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def to_jsonable(value: Any) -> Any:
