@@ -17,21 +17,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
 
     The temporary file is synced before the rename and the folder after it. A crash or an exception (a full disk,
-    a file-size limit) leaves `path` as it was, and no temporary file behind.
+    a file-size limit) leaves `path` as it was, and no temporary file behind; a write the system refuses raises
+    `write_error`'s one-line error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(fd)
     try:
         write(Path(tmp))
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_error(path: str | Path, exc: OSError) -> PersonascopeError:
+    """A write the system refused (disk full, a file-size limit, a read-only folder) as one clear error."""
+    return PersonascopeError(f"cannot write {path}: {exc.strerror or exc}; what was finished before is kept: free "
+                             "space or make the folder writable, then rerun to resume")
 
 
 def _fsync(path: str | Path) -> None:

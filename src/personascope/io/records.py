@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from personascope.errors import PersonascopeError
-from personascope.io.files import atomic_write
+from personascope.io.files import atomic_write, write_error
 
 log = logging.getLogger("personascope")
 
@@ -69,13 +69,16 @@ class RecordLog:
         text = "".join(encode(r) for r in records)
         if not text:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._checked:
-            self._cut_unfinished_line()
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._checked:
+                self._cut_unfinished_line()
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # what reached the file is at most a torn last line, moved aside on resume
+            raise write_error(self.path, exc) from None
 
     def _cut_unfinished_line(self) -> None:
         """Move the bytes after the last newline (a line a kill cut short) to the `.torn` file."""

@@ -53,6 +53,8 @@ class ShardWriter:
             rows = {int(index) for index, kind, _, _ in RecordLog(partial).read() if kind in PRIMARY}
             self.recorded |= rows
             self._seen[shard] = len(rows)
+            if len(rows) == self.rows_in(shard):  # killed between its last record and its rename
+                self._finish(shard)
 
     @property
     def pending(self) -> list[int]:
