@@ -43,6 +43,8 @@ class ExtractConfig:
         model: an embedded model name, HF id or local directory.
         judge: judge spec (`openai:MODEL`, `anthropic:MODEL`, `hf:MODEL`) or `none` (keep every pair).
         judge_base_url: server URL for an HTTP judge (not part of the run's identity).
+        judge_timeout: seconds per judge request; judge_retries: retries of a request after a 429, 5xx, timeout
+            or lost connection (it waits at least the server's Retry-After). Neither is part of the run's identity.
         samples: responses per (pair, extraction question, polarity).
         max_new_tokens: length limit of each response.
         temperature: sampling temperature (0 = greedy).
@@ -65,6 +67,8 @@ class ExtractConfig:
     model: str = DEFAULT_MODEL
     judge: str = "none"
     judge_base_url: str | None = None
+    judge_timeout: float = 60.0
+    judge_retries: int = 4
     samples: int = 1
     max_new_tokens: int = 96
     temperature: float = 1.0
@@ -149,7 +153,8 @@ def extract(
     config.check()
     run = Path(out_dir)
     spec = load_trait(config.trait, strict=not config.lenient)
-    judge = make_judge(config.judge, base_url=config.judge_base_url, cache_path=run / "judge_cache.sqlite")
+    judge = make_judge(config.judge, base_url=config.judge_base_url, cache_path=run / "judge_cache.sqlite",
+                       timeout=config.judge_timeout, max_retries=config.judge_retries)
     if handle is None:
         handle = load_model(config.model)
     elif config.model not in (handle.name, handle.source):
@@ -180,7 +185,7 @@ def extract(
 
 
 #: Settings that do not change a run's results: a rerun with other values resumes it.
-NOT_IDENTITY = ("judge_base_url", "lenient", "token_budget", "max_batch")
+NOT_IDENTITY = ("judge_base_url", "judge_timeout", "judge_retries", "lenient", "token_budget", "max_batch")
 
 
 def _identity(config: ExtractConfig, spec: TraitSpec) -> dict[str, Any]:

@@ -1,0 +1,340 @@
+"""Faults injected into real runs: SIGKILL at seeded random points of `extract`, `screen` and Ray screening, torn
+and damaged record files, a judge that fails 30% of its calls, a full disk and a read-only output folder.
+
+Each kill test kills one run directory five times in a row, each time after a seeded random number of new records
+has reached the file, then lets a last run finish. Every record written before a kill must still be there at the
+end, unchanged, and the run's records must number exactly the planned items (nothing lost, nothing made twice); the
+outputs must equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from personascope.errors import PersonascopeError
+from personascope.extract import extract
+from personascope.model import load_model
+from personascope.vector import PersonaVector
+from tests.loopback import Loopback, Reply, openai_reply
+from tests.test_extract import POSITIONS, tiny_config, write_trait
+from tests.test_screen import read_jsonl, tiny, write_jsonl  # noqa: F401  (tiny is a fixture)
+
+ROOT = Path(__file__).parents[1]
+KILLS = 5
+
+
+def complete_lines(*paths: Path) -> list[str]:
+    """The newline-ended lines of the files (a line cut by a kill is not one)."""
+    lines: list[str] = []
+    for path in paths:
+        if path.exists():
+            lines += path.read_bytes().decode("utf-8", "replace").split("\n")[:-1]
+    return lines
+
+
+def kill_after(command: list[str], count, new: int, *, group: bool = False, timeout: float = 300) -> None:
+    """Start `command` and SIGKILL it once `count()` has grown by `new`; fail if it ends on its own first."""
+    start = count()
+    with open(os.devnull, "w") as devnull:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=devnull, stderr=subprocess.PIPE, start_new_session=group)
+    deadline = time.monotonic() + timeout
+    try:
+        while count() < start + new:
+            assert proc.poll() is None, f"the run ended before its kill: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.01)
+    finally:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        else:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def killed_repeatedly(command: list[str], files, seed: int, most: int, *, group: bool = False) -> list[list[str]]:
+    """Kill `command` KILLS times, each after a seeded 1..`most` new lines in `files()`; the lines after each."""
+    rng = random.Random(seed)
+    seen = []
+    for _ in range(KILLS):
+        kill_after(command, lambda: len(complete_lines(*files())), rng.randint(1, most), group=group)
+        seen.append(complete_lines(*files()))
+    return seen
+
+
+def assert_kept(seen: list[list[str]], final: list[str]) -> None:
+    """Every record present after each kill is in the final files, unchanged."""
+    for lines in seen:
+        missing = set(lines) - set(final)
+        assert not missing, f"{len(missing)} records written before a kill were lost or changed"
+
+
+# -- extract ----------------------------------------------------------------------------------------------------
+
+EXTRACT = ("import sys; from pathlib import Path; from personascope.extract import extract; "
+           "from tests.test_extract import tiny_config; "
+           "extract(tiny_config(Path(sys.argv[1]), model=sys.argv[3], samples=2, max_new_tokens=48, eval_layers=(2,),"
+           " max_batch=1), sys.argv[2], progress=False)")
+
+
+@pytest.fixture(scope="module")
+def trait(tmp_path_factory) -> Path:
+    return write_trait(tmp_path_factory.mktemp("trait") / "tiny.json")
+
+
+def test_extract_killed_five_times_loses_and_redoes_nothing(trait, tiny_chat, tmp_path):
+    config = tiny_config(trait, model=str(tiny_chat), samples=2, max_new_tokens=48, eval_layers=(2,), max_batch=1)
+    out, log = tmp_path / "killed", tmp_path / "killed" / "responses.jsonl"
+    seen = killed_repeatedly([sys.executable, "-c", EXTRACT, str(trait), str(out), str(tiny_chat)],
+                             lambda: [log], seed=20, most=3)
+    handle = load_model(str(tiny_chat))
+    resumed = extract(config, out, handle=handle, progress=False)
+    final = complete_lines(log)
+    assert_kept(seen, final)
+    assert len(final) == 30 and len({json.loads(line)["id"] for line in final}) == 30  # each item made once
+    assert resumed.summary["generated"] == 30 - len(seen[-1])
+
+    reference = extract(config, tmp_path / "reference", handle=handle, progress=False)
+    assert sorted(final) == sorted(complete_lines(reference.run_dir / "responses.jsonl"))  # the same text
+    for position in POSITIONS:  # the same vectors, bit for bit
+        mine = PersonaVector.load(out / "vectors" / f"{position}.safetensors").directions
+        assert torch.equal(mine, PersonaVector.load(reference.vectors[position]).directions)
+    assert (resumed.evaluation.best_layer, resumed.evaluation.best_coef) == (
+        reference.evaluation.best_layer, reference.evaluation.best_coef)
+
+
+def test_a_torn_last_line_is_redone_and_a_damaged_middle_line_named(trait, tiny_chat, tmp_path, caplog):
+    config = tiny_config(trait, model=str(tiny_chat), eval_layers=(2,))
+    handle = load_model(str(tiny_chat))
+    out = tmp_path / "run"
+    extract(config, out, handle=handle, progress=False)
+    log = out / "responses.jsonl"
+    lines = log.read_bytes().split(b"\n")[:-1]
+    log.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[-1][:25])  # the last record torn by a kill
+    (out / "vector.safetensors").unlink()
+    for child in (out / "vectors").iterdir():
+        child.unlink()
+    again = extract(config, out, handle=handle, progress=False)
+    assert again.summary["generated"] == 1  # the torn item, and only it, is made again
+    assert log.read_bytes().split(b"\n")[:-1] == lines  # the same record as before
+    assert (out / "responses.jsonl.torn").read_bytes() == lines[-1][:25] + b"\n"
+    assert sum("torn last line" in r.getMessage() for r in caplog.records) == 1
+
+    damaged = lines[:3] + [b'{"id": "extract/pos/p0/q0'] + lines[3:]
+    log.write_bytes(b"\n".join(damaged) + b"\n")
+    with pytest.raises(PersonascopeError, match=rf"{log}, line 4: not a JSON record"):
+        extract(config, out, handle=handle, progress=False)
+    assert log.read_bytes() == b"\n".join(damaged) + b"\n"  # left for the user to repair
+
+
+# -- screen -----------------------------------------------------------------------------------------------------
+
+
+def screen_command(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "personascope.cli", "screen", str(data), "-v",
+            str(model_dir.parent / "tiny.safetensors"), "--out", str(out), "--model", str(model_dir),
+            "--max-new-tokens", "24", "--batch-size", "1", *extra]
+
+
+def screen_rows(count: int) -> list[dict]:
+    return [{"id": f"r{i:02d}", "prompt": f"Question number {i}: " + "why? " * (i % 5),
+             "response": f"Answer {i}, because."} for i in range(count)]
+
+
+def test_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
+    handle, vector, model_dir = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", screen_rows(24))
+    out = tmp_path / "scored.jsonl"
+    cache = tmp_path / "scored.work" / "base_responses.jsonl"
+    command = screen_command(model_dir, data, out)
+    seen = killed_repeatedly(command, lambda: [cache], seed=21, most=3)
+    assert not out.exists()
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    final = complete_lines(cache)
+    assert_kept(seen, final)
+    assert len(final) == 24 and len({json.loads(line)["id"] for line in final}) == 24  # each answer made once
+
+    reference = tmp_path / "reference.jsonl"
+    done = subprocess.run(screen_command(model_dir, data, reference), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(final) == sorted(complete_lines(tmp_path / "reference.work" / "base_responses.jsonl"))
+    assert out.read_bytes() == reference.read_bytes()  # the scored rows, bit for bit
+
+
+def ray_counts(shards: Path) -> list[Path]:
+    return [*shards.glob("shard-*.jsonl"), *shards.glob(".shard-*.partial")]
+
+
+def test_ray_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
+    pytest.importorskip("ray")
+    from personascope.apply.screen import screen_dataset
+
+    handle, vector, model_dir = tiny
+    rows = 600  # far more than the five runs reach before their kills
+    data = write_jsonl(tmp_path / "data.jsonl", screen_rows(rows))
+    out, shards = tmp_path / "scored.jsonl", tmp_path / "scored.work" / "ray"
+    command = screen_command(model_dir, data, out, "--base", "prompt-last", "--ray", "local", "--workers", "2",
+                             "--shard-rows", "7")
+    seen = killed_repeatedly(command, lambda: ray_counts(shards), seed=22, most=40, group=True)
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    final = complete_lines(*ray_counts(shards))
+    assert_kept(seen, final)
+    indices = [json.loads(line)[0] for line in final if json.loads(line)[1] in ("scored", "skipped")]
+    assert sorted(indices) == list(range(rows))  # one record per row: none lost, none written twice
+    assert not list(shards.glob(".shard-*"))
+
+    single = screen_dataset(handle, data, vector, tmp_path / "single.jsonl", base="prompt-last", progress=False)
+    ours, theirs = read_jsonl(out), read_jsonl(single.scored)
+    assert [r["id"] for r in ours] == [r["id"] for r in theirs]
+    assert [r["delta_p"] for r in ours] == pytest.approx([r["delta_p"] for r in theirs], abs=1e-4)
+
+
+# -- a failing judge --------------------------------------------------------------------------------------------
+
+NEVER = "extract/pos/p1/q02/s0"  # the row whose judging fails on every attempt
+
+
+def answer_of(prompt: str) -> str:
+    """The answer a judge prompt asks about (the tiny trait's rubric, or the coherence rubric)."""
+    if prompt.startswith("How optimistic"):
+        return prompt.split("\nANSWER: ", 1)[1].rsplit("\nEND OF ANSWER", 1)[0]
+    return prompt.split("[ANSWER START]\n", 1)[1].rsplit("\n[ANSWER END]", 1)[0]
+
+
+def faulty_judge(run: Path, seed: int = 23):
+    """Fail 30% of calls, chosen by a seeded hash of (prompt, attempt): a 500, a 429 with Retry-After: 0.2, or an
+    answer slower than the client's timeout. Score pos rows 90 and neg 10 for the trait, 80 for coherence; always
+    answer 500 for the row NEVER. Returns the handler and the log of (prompt, arrival time, fault or None)."""
+    calls: list[tuple[str, float, str | None]] = []
+
+    def handle(request):
+        prompt = request.prompt
+        attempt = 1 + sum(1 for p, _, _ in calls if p == prompt)
+        rows = {json.loads(line)["response"]: json.loads(line)["id"] for line in complete_lines(run / "responses.jsonl")}
+        row = rows.get(answer_of(prompt))
+        fault = {0: "500", 1: "429", 2: "timeout"}.get(hashlib.sha256(f"{seed}:{prompt}:{attempt}".encode()).digest()[0] % 10)
+        calls.append((prompt, time.monotonic(), "never" if row == NEVER else fault))
+        if row == NEVER or fault == "500":
+            return Reply({"error": "internal"}, status=500)
+        if fault == "429":
+            return Reply({"error": "slow down"}, status=429, headers={"retry-after": "0.2"})
+        score = 80 if not prompt.startswith("How optimistic") else 90 if row and "/pos/" in row else 10
+        return Reply(openai_reply(str(score), {str(score): -0.01, "x": -5.0}), delay=1.0 if fault == "timeout" else 0)
+
+    return handle, calls
+
+
+def test_a_judge_failing_30_percent_of_calls_is_absorbed_and_its_failures_named(trait, tiny_chat, tmp_path):
+    out = tmp_path / "judged"
+    handler, calls = faulty_judge(out)
+    with Loopback(handler) as server:
+        config = tiny_config(trait, model=str(tiny_chat), eval_layers=(2,), judge="openai:judge",
+                             judge_base_url=server.url + "/v1", judge_timeout=0.5, judge_retries=3)
+        result = extract(config, out, handle=load_model(str(tiny_chat)), progress=False)
+    faults = [fault for _, _, fault in calls if fault != "never"]
+    assert 0.2 < sum(f is not None for f in faults) / len(faults) < 0.4, faults  # about 30% of calls failed
+    assert {"500", "429", "timeout"} <= set(faults)
+
+    scores = {row["id"]: row for row in map(json.loads, complete_lines(out / "scores.jsonl"))}
+    assert len(scores) == 18 and {rid for rid, row in scores.items() if row["error"]} == {NEVER}
+    assert "failed after 4 attempts; last: HTTP 500" in scores[NEVER]["error"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["judge"]["failed"] == {NEVER: scores[NEVER]["error"]} == result.judge_failed
+    assert result.summary["judge_failures"] == 1 and result.summary["kept_pairs"] == 5
+
+    answers = {json.loads(line)["response"] for line in complete_lines(out / "responses.jsonl")}
+    stage = [p for p, _, _ in calls if answer_of(p) in answers]  # the judge stage's calls
+    assert manifest["judge"]["retries"] == result.summary["judge_retries"] == len(stage) - len(set(stage)) > 0
+    for index, (prompt, when, fault) in enumerate(calls):
+        if fault == "429":  # the client waited the server's Retry-After before asking again
+            again = next(t for p, t, _ in calls[index + 1:] if p == prompt)
+            assert again - when >= 0.2
+
+
+# -- a full disk and a read-only output folder --------------------------------------------------------------------
+
+
+def limited(max_bytes: int):
+    """preexec_fn: cap file sizes at `max_bytes` (writes beyond fail with EFBIG instead of killing the process)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply
+
+
+def without_root_overrides() -> None:
+    """preexec_fn: drop the capabilities that let root write into read-only folders (kept by nothing it execs)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_is_one_error_and_a_rerun_with_space_completes(tiny, tmp_path):
+    _, _, model_dir = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", screen_rows(24))
+    out, cache = tmp_path / "scored.jsonl", tmp_path / "scored.work" / "base_responses.jsonl"
+    command = screen_command(model_dir, data, out)
+    full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited(1500))
+    one_error_line(full, f"cannot write {cache}: File too large", "rerun to resume")
+    kept = complete_lines(cache)
+    assert 0 < len(kept) < 24 and not out.exists()
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_kept([kept], complete_lines(cache))
+    assert len(complete_lines(cache)) == 24 and len(read_jsonl(out)) == 24
+
+
+def test_a_read_only_output_folder_is_one_error_and_changes_nothing(tiny, tmp_path):
+    _, _, model_dir = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", screen_rows(6))
+    folder = tmp_path / "outputs"
+    out = folder / "scored.jsonl"
+    command = screen_command(model_dir, data, out)
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (folder / "scored.summary.json").unlink()  # a run to finish, in a folder that turns read-only
+    before = snapshot(folder)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                 preexec_fn=without_root_overrides)
+    finally:
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    one_error_line(refused, "cannot write", "Permission denied")
+    assert snapshot(folder) == before
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (folder / "scored.summary.json").exists() and len(read_jsonl(out)) == 6
