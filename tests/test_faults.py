@@ -15,6 +15,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from personascope.apply.screen import screen_dataset
 from personascope.errors import PersonascopeError
 from personascope.extract import extract
+from personascope.inference.generate import SamplingConfig
 from personascope.model import load_model
 from personascope.vector import PersonaVector
 from tests.loopback import Loopback, Reply, openai_reply
@@ -34,6 +37,16 @@ from tests.test_screen import read_jsonl, tiny, write_jsonl  # noqa: F401  (tiny
 
 ROOT = Path(__file__).parents[1]
 KILLS = 5
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: one thread each is ~10x faster
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The runs in this process on one thread too, as in the child processes (same numbers, bit for bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def complete_lines(*paths: Path) -> list[str]:
@@ -49,7 +62,8 @@ def kill_after(command: list[str], count, new: int, *, group: bool = False, time
     """Start `command` and SIGKILL it once `count()` has grown by `new`; fail if it ends on its own first."""
     start = count()
     with open(os.devnull, "w") as devnull:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=devnull, stderr=subprocess.PIPE, start_new_session=group)
+        proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=devnull, stderr=subprocess.PIPE,
+                                start_new_session=group)
     deadline = time.monotonic() + timeout
     try:
         while count() < start + new:
@@ -84,10 +98,10 @@ def assert_kept(seen: list[list[str]], final: list[str]) -> None:
 
 # -- extract ----------------------------------------------------------------------------------------------------
 
+SETTINGS = dict(samples=2, max_new_tokens=24, eval_layers=(2,), max_batch=1)  # 30 rows, one a batch
 EXTRACT = ("import sys; from pathlib import Path; from personascope.extract import extract; "
-           "from tests.test_extract import tiny_config; "
-           "extract(tiny_config(Path(sys.argv[1]), model=sys.argv[3], samples=2, max_new_tokens=48, eval_layers=(2,),"
-           " max_batch=1), sys.argv[2], progress=False)")
+           "from tests.test_extract import tiny_config; from tests.test_faults import SETTINGS; "
+           "extract(tiny_config(Path(sys.argv[1]), model=sys.argv[3], **SETTINGS), sys.argv[2], progress=False)")
 
 
 @pytest.fixture(scope="module")
@@ -95,43 +109,49 @@ def trait(tmp_path_factory) -> Path:
     return write_trait(tmp_path_factory.mktemp("trait") / "tiny.json")
 
 
-def test_extract_killed_five_times_loses_and_redoes_nothing(trait, tiny_chat, tmp_path):
-    config = tiny_config(trait, model=str(tiny_chat), samples=2, max_new_tokens=48, eval_layers=(2,), max_batch=1)
+@pytest.fixture(scope="module")
+def reference(trait, tiny_chat, tmp_path_factory):
+    """An uninterrupted run on the tiny chat model, and its config and model."""
+    config = tiny_config(trait, model=str(tiny_chat), **SETTINGS)
+    handle = load_model(str(tiny_chat))
+    return config, handle, extract(config, tmp_path_factory.mktemp("reference") / "run", handle=handle,
+                                   progress=False)
+
+
+def test_extract_killed_five_times_loses_and_redoes_nothing(trait, tiny_chat, reference, tmp_path):
+    config, handle, uninterrupted = reference
     out, log = tmp_path / "killed", tmp_path / "killed" / "responses.jsonl"
     seen = killed_repeatedly([sys.executable, "-c", EXTRACT, str(trait), str(out), str(tiny_chat)],
                              lambda: [log], seed=20, most=3)
-    handle = load_model(str(tiny_chat))
     resumed = extract(config, out, handle=handle, progress=False)
     final = complete_lines(log)
     assert_kept(seen, final)
     assert len(final) == 30 and len({json.loads(line)["id"] for line in final}) == 30  # each item made once
     assert resumed.summary["generated"] == 30 - len(seen[-1])
 
-    reference = extract(config, tmp_path / "reference", handle=handle, progress=False)
-    assert sorted(final) == sorted(complete_lines(reference.run_dir / "responses.jsonl"))  # the same text
+    assert sorted(final) == sorted(complete_lines(uninterrupted.run_dir / "responses.jsonl"))  # the same text
     for position in POSITIONS:  # the same vectors, bit for bit
         mine = PersonaVector.load(out / "vectors" / f"{position}.safetensors").directions
-        assert torch.equal(mine, PersonaVector.load(reference.vectors[position]).directions)
+        assert torch.equal(mine, PersonaVector.load(uninterrupted.vectors[position]).directions)
     assert (resumed.evaluation.best_layer, resumed.evaluation.best_coef) == (
-        reference.evaluation.best_layer, reference.evaluation.best_coef)
+        uninterrupted.evaluation.best_layer, uninterrupted.evaluation.best_coef)
 
 
-def test_a_torn_last_line_is_redone_and_a_damaged_middle_line_named(trait, tiny_chat, tmp_path, caplog):
-    config = tiny_config(trait, model=str(tiny_chat), eval_layers=(2,))
-    handle = load_model(str(tiny_chat))
+def test_a_torn_last_line_is_redone_and_a_damaged_middle_line_named(reference, tmp_path, caplog):
+    config, handle, uninterrupted = reference
     out = tmp_path / "run"
-    extract(config, out, handle=handle, progress=False)
+    shutil.copytree(uninterrupted.run_dir, out)
     log = out / "responses.jsonl"
     lines = log.read_bytes().split(b"\n")[:-1]
     log.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[-1][:25])  # the last record torn by a kill
-    (out / "vector.safetensors").unlink()
-    for child in (out / "vectors").iterdir():
-        child.unlink()
     again = extract(config, out, handle=handle, progress=False)
     assert again.summary["generated"] == 1  # the torn item, and only it, is made again
     assert log.read_bytes().split(b"\n")[:-1] == lines  # the same record as before
     assert (out / "responses.jsonl.torn").read_bytes() == lines[-1][:25] + b"\n"
     assert sum("torn last line" in r.getMessage() for r in caplog.records) == 1
+    for position in POSITIONS:  # outputs derived from the redone row are made again, and the same
+        mine = PersonaVector.load(out / "vectors" / f"{position}.safetensors").directions
+        assert torch.equal(mine, PersonaVector.load(uninterrupted.vectors[position]).directions)
 
     damaged = lines[:3] + [b'{"id": "extract/pos/p0/q0'] + lines[3:]
     log.write_bytes(b"\n".join(damaged) + b"\n")
@@ -159,21 +179,22 @@ def test_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", screen_rows(24))
     out = tmp_path / "scored.jsonl"
     cache = tmp_path / "scored.work" / "base_responses.jsonl"
-    command = screen_command(model_dir, data, out)
-    seen = killed_repeatedly(command, lambda: [cache], seed=21, most=3)
+    seen = killed_repeatedly(screen_command(model_dir, data, out), lambda: [cache], seed=21, most=3)
     assert not out.exists()
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    sampling = SamplingConfig(24, 0.0)
+    screen_dataset(handle, data, vector, out, sampling=sampling, max_batch=1, progress=False)
     final = complete_lines(cache)
     assert_kept(seen, final)
     assert len(final) == 24 and len({json.loads(line)["id"] for line in final}) == 24  # each answer made once
 
-    reference = tmp_path / "reference.jsonl"
-    done = subprocess.run(screen_command(model_dir, data, reference), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    reference = screen_dataset(handle, data, vector, tmp_path / "reference.jsonl", sampling=sampling, max_batch=1,
+                               progress=False)
     assert sorted(final) == sorted(complete_lines(tmp_path / "reference.work" / "base_responses.jsonl"))
-    assert out.read_bytes() == reference.read_bytes()  # the scored rows, bit for bit
+    assert out.read_bytes() == reference.scored.read_bytes()  # the scored rows, bit for bit
+    # the cached answers also serve as a base-responses file
+    from_file = screen_dataset(handle, data, vector, tmp_path / "from_file.jsonl", base=cache, progress=False)
+    assert [r["base_projection"] for r in read_jsonl(from_file.scored)] == pytest.approx(
+        [r["base_projection"] for r in read_jsonl(out)], abs=1e-4)
 
 
 def ray_counts(shards: Path) -> list[Path]:
@@ -182,8 +203,6 @@ def ray_counts(shards: Path) -> list[Path]:
 
 def test_ray_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
     pytest.importorskip("ray")
-    from personascope.apply.screen import screen_dataset
-
     handle, vector, model_dir = tiny
     rows = 600  # far more than the five runs reach before their kills
     data = write_jsonl(tmp_path / "data.jsonl", screen_rows(rows))
@@ -191,7 +210,7 @@ def test_ray_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
     command = screen_command(model_dir, data, out, "--base", "prompt-last", "--ray", "local", "--workers", "2",
                              "--shard-rows", "7")
     seen = killed_repeatedly(command, lambda: ray_counts(shards), seed=22, most=40, group=True)
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     final = complete_lines(*ray_counts(shards))
     assert_kept(seen, final)
@@ -226,9 +245,10 @@ def faulty_judge(run: Path, seed: int = 23):
     def handle(request):
         prompt = request.prompt
         attempt = 1 + sum(1 for p, _, _ in calls if p == prompt)
-        rows = {json.loads(line)["response"]: json.loads(line)["id"] for line in complete_lines(run / "responses.jsonl")}
-        row = rows.get(answer_of(prompt))
-        fault = {0: "500", 1: "429", 2: "timeout"}.get(hashlib.sha256(f"{seed}:{prompt}:{attempt}".encode()).digest()[0] % 10)
+        records = map(json.loads, complete_lines(run / "responses.jsonl"))
+        row = {r["response"]: r["id"] for r in records}.get(answer_of(prompt))
+        draw = hashlib.sha256(f"{seed}:{prompt}:{attempt}".encode()).digest()[0] % 10
+        fault = {0: "500", 1: "429", 2: "timeout"}.get(draw)
         calls.append((prompt, time.monotonic(), "never" if row == NEVER else fault))
         if row == NEVER or fault == "500":
             return Reply({"error": "internal"}, status=500)
@@ -289,7 +309,7 @@ def without_root_overrides() -> None:
 
 
 def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "━" not in line]  # not progress bars
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -301,40 +321,37 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_a_full_disk_is_one_error_and_a_rerun_with_space_completes(tiny, tmp_path):
-    _, _, model_dir = tiny
+    handle, vector, model_dir = tiny
     data = write_jsonl(tmp_path / "data.jsonl", screen_rows(24))
     out, cache = tmp_path / "scored.jsonl", tmp_path / "scored.work" / "base_responses.jsonl"
-    command = screen_command(model_dir, data, out)
-    full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited(1500))
+    full = subprocess.run(screen_command(model_dir, data, out), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limited(1500))
     one_error_line(full, f"cannot write {cache}: File too large", "rerun to resume")
     kept = complete_lines(cache)
     assert 0 < len(kept) < 24 and not out.exists()
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    screen_dataset(handle, data, vector, out, sampling=SamplingConfig(24, 0.0), max_batch=1, progress=False)
     assert_kept([kept], complete_lines(cache))
     assert len(complete_lines(cache)) == 24 and len(read_jsonl(out)) == 24
 
 
 def test_a_read_only_output_folder_is_one_error_and_changes_nothing(tiny, tmp_path):
-    _, _, model_dir = tiny
+    handle, vector, model_dir = tiny
     data = write_jsonl(tmp_path / "data.jsonl", screen_rows(6))
     folder = tmp_path / "outputs"
     out = folder / "scored.jsonl"
-    command = screen_command(model_dir, data, out)
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+    sampling = SamplingConfig(24, 0.0)
+    screen_dataset(handle, data, vector, out, sampling=sampling, max_batch=1, progress=False)
     (folder / "scored.summary.json").unlink()  # a run to finish, in a folder that turns read-only
     before = snapshot(folder)
     for path in (folder, *folder.rglob("*")):
         path.chmod(0o555 if path.is_dir() else 0o444)
     try:
-        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                 preexec_fn=without_root_overrides)
+        refused = subprocess.run(screen_command(model_dir, data, out), cwd=ROOT, env=ENV, capture_output=True,
+                                 text=True, timeout=300, preexec_fn=without_root_overrides)
     finally:
         for path in (folder, *folder.rglob("*")):
             path.chmod(0o755 if path.is_dir() else 0o644)
     one_error_line(refused, "cannot write", "Permission denied")
     assert snapshot(folder) == before
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    screen_dataset(handle, data, vector, out, sampling=sampling, max_batch=1, progress=False)
     assert (folder / "scored.summary.json").exists() and len(read_jsonl(out)) == 6

@@ -70,7 +70,7 @@ def test_finished_record_files_are_written_whole(tmp_path):
         yield {"i": 9}
         raise OSError(27, "File too large")
 
-    with pytest.raises(PersonascopeError, match=rf"cannot write {path}: File too large; what was finished before is kept"):
+    with pytest.raises(PersonascopeError, match=rf"cannot write {path}: File too large; what was finished before"):
         write_records(path, failing())
     assert RecordLog(path).read() == [{"i": 0}, {"i": 1}, {"i": 2}] and os.listdir(tmp_path) == ["done.jsonl"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import tempfile
@@ -17,12 +18,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
 
     The temporary file is synced before the rename and the folder after it. A crash or an exception (a full disk,
-    a file-size limit) leaves `path` as it was, and no temporary file behind; a write the system refuses raises
-    `write_error`'s one-line error.
+    a file-size limit) leaves `path` as it was; the temporary file is removed, or by the next write of `path` if
+    the process was killed. A write the system refuses raises `write_error`'s one-line error.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a writer killed mid-write
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_error(path, exc) from None
