@@ -36,8 +36,17 @@ from tests.test_extract import POSITIONS, tiny_config, write_trait
 from tests.test_screen import read_jsonl, tiny, write_jsonl  # noqa: F401  (tiny is a fixture)
 
 ROOT = Path(__file__).parents[1]
-KILLS = 5
+KILLS = int(os.environ.get("PERSONASCOPE_KILLS", "5"))  # benchmarks/crash.py asks for more
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: one thread each is ~10x faster
+FIGURES: dict[str, dict[str, object]] = {}  # what each test measured, for benchmarks/crash.py
+
+
+@pytest.fixture(autouse=True, scope="module")
+def figures():
+    """Write FIGURES as JSON to $PERSONASCOPE_FAULT_FIGURES (when set) once the module's tests ran."""
+    yield
+    if os.environ.get("PERSONASCOPE_FAULT_FIGURES"):
+        Path(os.environ["PERSONASCOPE_FAULT_FIGURES"]).write_text(json.dumps(FIGURES, indent=2))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,9 +88,10 @@ def kill_after(command: list[str], count, new: int, *, group: bool = False, time
         proc.stderr.close()
 
 
-def killed_repeatedly(command: list[str], files, seed: int, most: int, *, group: bool = False) -> list[list[str]]:
-    """Kill `command` KILLS times, each after a seeded 1..`most` new lines in `files()`; the lines after each."""
-    rng = random.Random(seed)
+def killed_repeatedly(command: list[str], files, seed: int, budget: int, *, group: bool = False) -> list[list[str]]:
+    """Kill `command` KILLS times, each after a seeded 1..`budget / KILLS` new lines in `files()`; returns the
+    lines after each kill."""
+    rng, most = random.Random(seed), max(1, budget // KILLS)
     seen = []
     for _ in range(KILLS):
         kill_after(command, lambda: len(complete_lines(*files())), rng.randint(1, most), group=group)
@@ -94,6 +104,15 @@ def assert_kept(seen: list[list[str]], final: list[str]) -> None:
     for lines in seen:
         missing = set(lines) - set(final)
         assert not missing, f"{len(missing)} records written before a kill were lost or changed"
+
+
+def measure(stage: str, seen: list[list[str]], final: list[str], ids: list, planned: int, torn: list[Path]) -> None:
+    """Keep a kill test's figures: kills, items planned, lost (planned without a record), recorded twice, and the
+    torn lines moved aside (each one item made again)."""
+    FIGURES[stage] = {"kills": len(seen), "planned": planned, "lost": planned - len(set(ids)),
+                      "recorded_twice": len(ids) - len(set(ids)),
+                      "lost_before_kill": len(set().union(*map(set, seen)) - set(final)),
+                      "torn_redone": sum(len(complete_lines(path)) for path in torn)}
 
 
 # -- extract ----------------------------------------------------------------------------------------------------
@@ -122,9 +141,10 @@ def test_extract_killed_five_times_loses_and_redoes_nothing(trait, tiny_chat, re
     config, handle, uninterrupted = reference
     out, log = tmp_path / "killed", tmp_path / "killed" / "responses.jsonl"
     seen = killed_repeatedly([sys.executable, "-c", EXTRACT, str(trait), str(out), str(tiny_chat)],
-                             lambda: [log], seed=20, most=3)
+                             lambda: [log], seed=20, budget=15)
     resumed = extract(config, out, handle=handle, progress=False)
     final = complete_lines(log)
+    measure("extract", seen, final, [json.loads(line)["id"] for line in final], 30, [out / "responses.jsonl.torn"])
     assert_kept(seen, final)
     assert len(final) == 30 and len({json.loads(line)["id"] for line in final}) == 30  # each item made once
     assert resumed.summary["generated"] == 30 - len(seen[-1])
@@ -158,6 +178,8 @@ def test_a_torn_last_line_is_redone_and_a_damaged_middle_line_named(reference, t
     with pytest.raises(PersonascopeError, match=rf"{log}, line 4: not a JSON record"):
         extract(config, out, handle=handle, progress=False)
     assert log.read_bytes() == b"\n".join(damaged) + b"\n"  # left for the user to repair
+    FIGURES.setdefault("bad inputs", {}).update({"torn last line": "moved aside, redone",
+                                                "damaged middle line": "error naming file and line"})
 
 
 # -- screen -----------------------------------------------------------------------------------------------------
@@ -179,11 +201,13 @@ def test_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", screen_rows(24))
     out = tmp_path / "scored.jsonl"
     cache = tmp_path / "scored.work" / "base_responses.jsonl"
-    seen = killed_repeatedly(screen_command(model_dir, data, out), lambda: [cache], seed=21, most=3)
+    seen = killed_repeatedly(screen_command(model_dir, data, out), lambda: [cache], seed=21, budget=12)
     assert not out.exists()
     sampling = SamplingConfig(24, 0.0)
     screen_dataset(handle, data, vector, out, sampling=sampling, max_batch=1, progress=False)
     final = complete_lines(cache)
+    ids = [json.loads(line)["id"] for line in final]
+    measure("screen", seen, final, ids, 24, [cache.parent / f"{cache.name}.torn"])
     assert_kept(seen, final)
     assert len(final) == 24 and len({json.loads(line)["id"] for line in final}) == 24  # each answer made once
 
@@ -209,12 +233,13 @@ def test_ray_screen_killed_five_times_loses_and_redoes_nothing(tiny, tmp_path):
     out, shards = tmp_path / "scored.jsonl", tmp_path / "scored.work" / "ray"
     command = screen_command(model_dir, data, out, "--base", "prompt-last", "--ray", "local", "--workers", "2",
                              "--shard-rows", "7")
-    seen = killed_repeatedly(command, lambda: ray_counts(shards), seed=22, most=40, group=True)
+    seen = killed_repeatedly(command, lambda: ray_counts(shards), seed=22, budget=200, group=True)
     rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     final = complete_lines(*ray_counts(shards))
     assert_kept(seen, final)
     indices = [json.loads(line)[0] for line in final if json.loads(line)[1] in ("scored", "skipped")]
+    measure("screen --ray", seen, final, indices, rows, list(shards.glob("*.torn")))
     assert sorted(indices) == list(range(rows))  # one record per row: none lost, none written twice
     assert not list(shards.glob(".shard-*"))
 
@@ -281,6 +306,9 @@ def test_a_judge_failing_30_percent_of_calls_is_absorbed_and_its_failures_named(
     answers = {json.loads(line)["response"] for line in complete_lines(out / "responses.jsonl")}
     stage = [p for p, _, _ in calls if answer_of(p) in answers]  # the judge stage's calls
     assert manifest["judge"]["retries"] == result.summary["judge_retries"] == len(stage) - len(set(stage)) > 0
+    FIGURES["judge"] = {"calls": len(calls), "failed_calls": sum(f is not None for _, _, f in calls),
+                        "retries": manifest["judge"]["retries"], "items": len(set(stage)),
+                        "items_failed": len(result.judge_failed)}
     for index, (prompt, when, fault) in enumerate(calls):
         if fault == "429":  # the client waited the server's Retry-After before asking again
             again = next(t for p, t, _ in calls[index + 1:] if p == prompt)
@@ -332,6 +360,7 @@ def test_a_full_disk_is_one_error_and_a_rerun_with_space_completes(tiny, tmp_pat
     screen_dataset(handle, data, vector, out, sampling=SamplingConfig(24, 0.0), max_batch=1, progress=False)
     assert_kept([kept], complete_lines(cache))
     assert len(complete_lines(cache)) == 24 and len(read_jsonl(out)) == 24
+    FIGURES.setdefault("bad inputs", {})["disk full"] = "one error line, rerun completes"
 
 
 def test_a_read_only_output_folder_is_one_error_and_changes_nothing(tiny, tmp_path):
@@ -355,3 +384,4 @@ def test_a_read_only_output_folder_is_one_error_and_changes_nothing(tiny, tmp_pa
     assert snapshot(folder) == before
     screen_dataset(handle, data, vector, out, sampling=sampling, max_batch=1, progress=False)
     assert (folder / "scored.summary.json").exists() and len(read_jsonl(out)) == 6
+    FIGURES.setdefault("bad inputs", {})["read-only folder"] = "one error line, nothing changed, rerun completes"

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -41,6 +42,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_whole(folder: str | Path, save: Callable[[Path], None]) -> Path:
+    """Call `save(tmp)` on a temporary folder inside `folder` (e.g. `save_pretrained`), then move each file it wrote
+    into `folder` with a rename: every file appears whole, and a failure leaves `folder`'s files as they were."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".saving-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+        tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    try:
+        save(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        for path in tmp.iterdir():
+            os.replace(path, folder / path.name)
+        _fsync(folder)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def write_error(path: str | Path, exc: OSError) -> PersonascopeError:
