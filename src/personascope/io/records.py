@@ -37,23 +37,26 @@ class RecordLog:
         self._checked = False
 
     def read(self) -> list[Any]:
-        """Every record in file order (a torn last line is moved aside first)."""
+        """Every record in file order, read line by line (a torn last line is moved aside first)."""
         if not self.path.exists():
             return []
         self._cut_unfinished_line()
+        records: list[Any] = []
+        bad: tuple[int, int, ValueError] | None = None  # (line number, offset, error) of a line that did not parse
+        offset = 0
         with open(self.path, "rb") as handle:
-            lines = handle.read().split(b"\n")[:-1]
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError as exc:
-                if number == len(lines):  # a whole last line that does not parse: torn all the same
-                    self._move_aside(sum(len(x) + 1 for x in lines[:-1]))
-                    break
-                raise PersonascopeError(
-                    f"{self.path}, line {number}: not a JSON record ({exc}); the file is damaged in the middle, "
-                    "which a killed run cannot cause: repair or delete that line, then rerun") from None
+            for number, line in enumerate(handle, 1):
+                if bad is not None:
+                    raise PersonascopeError(
+                        f"{self.path}, line {bad[0]}: not a JSON record ({bad[2]}); the file is damaged in the "
+                        "middle, which a killed run cannot cause: repair or delete that line, then rerun")
+                try:
+                    records.append(json.loads(line))
+                except ValueError as exc:
+                    bad = (number, offset, exc)
+                offset += len(line)
+        if bad is not None:  # a whole last line that does not parse: torn all the same
+            self._move_aside(bad[1])
         return records
 
     def rows(self) -> dict[str, dict[str, Any]]:
