@@ -102,3 +102,23 @@ def test_a_writer_killed_at_random_moments_keeps_every_finished_record(tmp_path)
     for line in torn.read_text().splitlines() if torn.exists() else []:
         with pytest.raises(ValueError):
             json.loads(line)  # only cut lines were moved aside, each at most once per kill
+
+
+def test_a_folder_of_files_is_saved_file_by_file_whole(tmp_path):
+    from personascope.io.files import save_whole
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "kept.txt").write_text("other output")
+    (folder / ".saving-stale").mkdir()  # left by a killed save
+    save_whole(folder, lambda tmp: [(tmp / name).write_text(name) for name in ("a.json", "b.bin")])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json", "b.bin", "kept.txt"]
+
+    def failing(tmp):
+        (tmp / "a.json").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(PersonascopeError, match=f"cannot write {folder}: No space left on device"):
+        save_whole(folder, failing)
+    assert (folder / "a.json").read_text() == "a.json" and sorted(p.name for p in folder.iterdir()) == [
+        "a.json", "b.bin", "kept.txt"]
