@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -27,12 +28,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)  # left by a writer killed mid-write
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's permissions, as open()
     except OSError as exc:
         raise write_error(path, exc) from None
-    os.close(fd)
     try:
-        write(Path(tmp))
+        write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
