@@ -9,8 +9,9 @@ suite's five (`--kills`, each at a seeded random point) and prints the figures t
   but missing or changed at the end (must be 0);
 * recorded twice: items with more than one record (must be 0: no finished item is made again);
 * torn redone: torn last lines moved to `.torn` files, each the one item made again;
-* judge: calls to a judge failing 30% of them (500, 429 with Retry-After, timeouts), retries, items that never
-  succeeded (named in the manifest with their reason).
+* judge: calls of `extract`'s judge stage to a judge failing 30% of them at random (500, 429 with Retry-After,
+  timeouts) and always for one planted row, the retries, and the items never scored (named in the manifest with
+  their reason).
 
     python benchmarks/crash.py --kills 10 --json crash.json
 """
@@ -56,8 +57,9 @@ def run(args: argparse.Namespace) -> dict:
                 [[s, *(figures[s][k] for k in ("kills", "planned", "lost", "lost_before_kill", "recorded_twice",
                                                "torn_redone"))] for s in stages])
     judge = figures["judge"]
-    print_table("A judge failing 30% of calls", ["calls", "failed calls", "retries", "items", "items never scored"],
-                [[judge[k] for k in ("calls", "failed_calls", "retries", "items", "items_failed")]])
+    print_table("A judge failing 30% of calls (extract's judge stage)",
+                ["calls", "failed calls", "of them at random", "retries", "items", "items never scored"],
+                [[judge[k] for k in ("calls", "failed_calls", "failed_at_random", "retries", "items", "items_failed")]])
     print_table("Bad run inputs", ["input", "outcome"], list(figures["bad inputs"].items()))
     result = {"kills_per_command": args.kills, **figures}
     save(args.json, result)

@@ -305,8 +305,13 @@ def test_a_judge_failing_30_percent_of_calls_is_absorbed_and_its_failures_named(
 
     answers = {json.loads(line)["response"] for line in complete_lines(out / "responses.jsonl")}
     stage = [p for p, _, _ in calls if answer_of(p) in answers]  # the judge stage's calls
-    assert manifest["judge"]["retries"] == result.summary["judge_retries"] == len(stage) - len(set(stage)) > 0
-    FIGURES["judge"] = {"calls": len(calls), "failed_calls": sum(f is not None for _, _, f in calls),
+    # every re-sent request the server saw was counted (a loaded machine may add retries of requests that never
+    # reached the handler: a connection dropped or timed out before it)
+    assert manifest["judge"]["retries"] == result.summary["judge_retries"] >= len(stage) - len(set(stage)) > 0
+    assert manifest["judge"]["retries"] <= len(set(stage)) * config.judge_retries
+    faulted = [f for p, _, f in calls if answer_of(p) in answers]
+    FIGURES["judge"] = {"calls": len(stage), "failed_calls": sum(f is not None for f in faulted),
+                        "failed_at_random": sum(f not in (None, "never") for f in faulted),
                         "retries": manifest["judge"]["retries"], "items": len(set(stage)),
                         "items_failed": len(result.judge_failed)}
     for index, (prompt, when, fault) in enumerate(calls):
