@@ -21,7 +21,7 @@ from personascope.evaluate.separation import plain_chats, read_eval_rows, separa
 from personascope.inference.activations import encode, read_activations
 from personascope.inference.likelihood import likelihood_margin
 from personascope.io.files import write_json
-from personascope.io.rundir import JsonlLog
+from personascope.io.records import RecordLog
 from personascope.judge.judges import COHERENCE_RUBRIC, make_judge
 from personascope.model import ModelHandle
 from personascope.traits import InstructionPair, TraitSpec, save_trait
@@ -76,7 +76,7 @@ def build_run(run: Path, handle: ModelHandle) -> Path:
     """A run directory as `personascope extract` leaves it (plus an empty eval response it must skip)."""
     save_trait(SPEC, run / "trait.json")
     write_json(run / "manifest.json", {"config": {"model": handle.name, "trait": "pirate", "judge": "none"}})
-    log = JsonlLog(run / "responses.jsonl")
+    log = RecordLog(run / "responses.jsonl")
     for row in [*rows(), {**rows()[-1], "id": "eval/pos/p0/q09/s0", "response": "  "}]:
         log.append(row)
     extract = [r for r in rows() if r["split"] == "extract"]

@@ -1,15 +1,10 @@
 """Screening on Ray Data (a local Ray instance, two scoring actors) gives the single-process screen's rows, ΔP,
-skipped list, summary and filtered dataset, from JSONL or Parquet; a killed run resumes by shard."""
+skipped list, summary and filtered dataset, from JSONL or Parquet (killed runs: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -128,34 +123,3 @@ def test_bad_settings_and_unreadable_files_are_refused(tiny, local_ray, tmp_path
     broken.write_text('{"prompt": "hi", "response": "there"}\nnot json at all\n')
     with pytest.raises(PersonascopeError, match="ray.data cannot read"):
         ray_screen(broken, vector_path, tmp_path / "o.jsonl", model=str(model_dir), base="prompt-last")
-
-
-def test_a_killed_ray_run_resumes_by_shard(tiny, tmp_path):
-    handle, vector, model_dir = tiny
-    rows, shard_rows = 600, 3  # 200 shards: far more than a fast machine writes between the check and the kill
-    data = write_jsonl(tmp_path / "data.jsonl", dataset_rows(rows))
-    out = tmp_path / "scored.jsonl"
-    shards = tmp_path / "scored.work" / "ray"
-    total = rows // shard_rows
-    command = [sys.executable, "-m", "personascope.cli", "screen", str(data), "-v",
-               str(model_dir.parent / "tiny.safetensors"), "--out", str(out), "--model", str(model_dir),
-               "--base", "prompt-last", "--ray", "local", "--workers", "2", "--shard-rows", str(shard_rows),
-               "--batch-size", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and len(list(shards.glob("shard-*.jsonl"))) < 2:
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl")}
-    assert 2 <= len(kept) < total and not out.exists()
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert all((shards / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not redone
-    assert len(list(shards.glob("shard-*.jsonl"))) == total and not list(shards.glob(".shard-*"))
-    single = screen_dataset(handle, data, vector, tmp_path / "single.jsonl", base="prompt-last", progress=False)
-    ours, theirs = read_jsonl(out), read_jsonl(single.scored)
-    assert [r["id"] for r in ours] == [r["id"] for r in theirs]
-    assert [r["delta_p"] for r in ours] == pytest.approx([r["delta_p"] for r in theirs], abs=1e-4)

@@ -1,14 +1,10 @@
-"""Dataset screening: ΔP ranks the embedded model's optimistic answers above its ordinary ones; a killed run
-resumes with its cached base responses; malformed rows are reported by id; outputs never replace inputs."""
+"""Dataset screening: ΔP ranks the embedded model's optimistic answers above its ordinary ones; malformed rows are
+reported by id; outputs never replace inputs (killed runs: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -116,40 +112,6 @@ def tiny(embedded, tmp_path_factory):
     vector = PersonaVector(pos - neg, "optimistic", handle.name, {"best_layer": "2"})
     vector.save(path.parent / "tiny.safetensors")
     return handle, vector, path
-
-
-def test_screening_resumes_after_a_kill_keeping_cached_base_responses(tiny, tmp_path):
-    handle, vector, model_dir = tiny
-    rows = [{"id": f"r{i:02d}", "prompt": f"Question number {i}: " + "why? " * (i % 5),
-             "response": f"Answer {i}, because."} for i in range(12)]
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
-    out = tmp_path / "scored.jsonl"
-    cache = tmp_path / "scored.work" / "base_responses.jsonl"
-    command = [sys.executable, "-m", "personascope.cli", "screen", str(data), "-v",
-               str(model_dir.parent / "tiny.safetensors"), "--out", str(out), "--model", str(model_dir),
-               "--max-new-tokens", "24", "--batch-size", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cache.exists() and cache.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    before = cache.read_text()
-    assert 3 <= before.count("\n") < 12 and not out.exists()
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    after = cache.read_text()
-    assert after.startswith(before.rsplit("\n", 1)[0])  # the rows cached before the kill were kept, not redone
-    cached_ids = [row["id"] for row in read_jsonl(cache)]
-    assert sorted(cached_ids) == [r["id"] for r in rows]  # each generated exactly once
-    scored = read_jsonl(out)
-    assert [r["id"] for r in scored] == [r["id"] for r in rows]
-    # the cached answers also serve as a base-responses file
-    again = screen_dataset(handle, data, vector, tmp_path / "from_file.jsonl", base=cache, progress=False)
-    from_file = read_jsonl(again.scored)
-    assert [r["base_projection"] for r in from_file] == pytest.approx([r["base_projection"] for r in scored], abs=1e-4)
 
 
 def test_malformed_rows_are_reported_by_id_and_inputs_never_overwritten(tiny, tmp_path):

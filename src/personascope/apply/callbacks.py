@@ -17,7 +17,7 @@ from transformers import (
 from personascope.apply.guard import PreventativeSteering
 from personascope.apply.shift import mean_prompt_last
 from personascope.errors import PersonascopeError
-from personascope.io.rundir import JsonlLog
+from personascope.io.records import RecordLog
 from personascope.model import ModelHandle
 from personascope.vector import PersonaVector
 
@@ -92,7 +92,7 @@ class TraitMonitorCallback(TrainerCallback):
         self.name = handle.name
         self.vectors = list(vectors)
         self.every = every
-        self.log = JsonlLog(log_path) if log_path is not None else None
+        self.log = RecordLog(log_path) if log_path is not None else None
         self.layers: dict[str, int] = {}
         self.questions: dict[str, list[str]] = {}
         for vec in self.vectors:

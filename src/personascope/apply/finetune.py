@@ -16,7 +16,7 @@ from personascope.apply.guard import PreventativeSteering
 from personascope.errors import InputError, PersonascopeError
 from personascope.io.checks import SEED_RANGE, check_count, check_number
 from personascope.io.data import BadRow, ChatSample
-from personascope.io.files import write_json
+from personascope.io.files import save_whole, write_json
 from personascope.io.rundir import versions
 from personascope.model import ModelHandle
 
@@ -213,7 +213,7 @@ def finetune(
             monitor.attach(trainer)
         handle.model = model
         output = trainer.train()
-        model.save_pretrained(str(out))
+        save_whole(out, lambda tmp: model.save_pretrained(str(tmp)))
     finally:
         if guard is not None:
             guard.detach()

@@ -44,7 +44,8 @@ from personascope.io.data import (
     write_rows,
 )
 from personascope.io.files import check_output, write_json
-from personascope.io.rundir import JsonlLog, open_run
+from personascope.io.records import RecordLog
+from personascope.io.rundir import open_run
 from personascope.model import ModelHandle
 from personascope.vector import PersonaVector
 
@@ -162,8 +163,8 @@ def base_responses(
         else:
             requests.append((chat.id, chat.ids[: chat.prompt_len]))
     digests = {rid: hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16] for rid, ids in requests}
-    log = JsonlLog(cache) if cache is not None else None
-    cached = log.read() if log is not None else {}
+    log = RecordLog(cache) if cache is not None else None
+    cached = log.rows() if log is not None else {}
     texts = {rid: str(row.get("response") or "") for rid, row in cached.items()
              if rid in digests and row.get("prompt_sha") == digests[rid]}
 

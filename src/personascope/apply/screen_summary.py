@@ -11,6 +11,7 @@ import numpy as np
 
 from personascope.errors import PersonascopeError
 from personascope.io.data import BadRow, ChatSample
+from personascope.io.files import atomic_write
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 TOP_EXAMPLES = 10
@@ -142,7 +143,4 @@ def plot_histogram(delta: Sequence[float], path: Path, title: str, cutoff: float
         axes.legend()
     axes.set(title=title, xlabel="ΔP = projection − base projection", ylabel="samples")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))

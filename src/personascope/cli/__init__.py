@@ -40,3 +40,7 @@ def main() -> None:
     except PersonascopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2 if isinstance(exc, InputError) else 1)
+    except OSError as exc:  # a file the system refused outside the writers that name their file themselves
+        err_console.print(f"[bold red]error:[/] {exc}; what was finished before is kept: fix this, then rerun to "
+                          "resume", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -77,6 +77,7 @@ def extract(
         ("best layer", f"{evaluation.best_layer} (chosen on {held.select_rows} held-out rows)"),
         ("held-out AUROC", f"{_number(held.auroc)} on {held.report_rows} other rows"
          + (f" (95% CI {held.auroc_low:.3f}-{held.auroc_high:.3f})" if held.auroc_low is not None else "")),
+        *([("judge", _judge_line(counts["judge_retries"], result.judge_failed))] if judge != "none" else []),
         ("margin gain", _number(result.best_layer_stats().margin_gain)),
         ("best coef", f"{evaluation.best_coef:.3f} ({evaluation.best_fraction:g} of the residual norm, "
                       f"chosen by {evaluation.coef_source})"),
@@ -90,6 +91,15 @@ def extract(
     for note in evaluation.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
+
+
+def _judge_line(retries: int, failed: dict[str, str]) -> str:
+    """Retries absorbed, and the rows the judge never scored (named, with the first reason)."""
+    line = f"{retries} retried requests absorbed; "
+    if not failed:
+        return line + "every row scored"
+    names = ", ".join(list(failed)[:5]) + (f" and {len(failed) - 5} more" * (len(failed) > 5))
+    return line + f"{len(failed)} rows not scored ({names}; {escape(next(iter(failed.values())))}): rerun to retry them"
 
 
 def _number(value: object) -> str:

@@ -19,7 +19,7 @@ from personascope.inference.activations import (
     fit_to_context,
     read_activations,
 )
-from personascope.io.rundir import JsonlLog
+from personascope.io.records import RecordLog
 from personascope.model import ModelHandle
 from personascope.vector import PersonaVector
 
@@ -32,7 +32,7 @@ def read_eval_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     if not path.exists():
         raise PersonascopeError(f"{path} does not exist: run `personascope extract` into this directory first")
     rows, empty = [], 0
-    for row in JsonlLog(path).read().values():
+    for row in RecordLog(path).rows().values():
         missing = [k for k in _ROW_FIELDS if k not in row]
         if missing:
             raise PersonascopeError(f"{path}: row {row.get('id')!r} lacks {', '.join(missing)}; rerun extract")

@@ -10,6 +10,7 @@ from typing import Any
 
 from personascope.errors import PersonascopeError
 from personascope.io.files import atomic_write, check_output
+from personascope.io.records import encode
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -187,7 +188,7 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str | Path, *, inputs: Iter
         if path.suffix.lower() == ".jsonl":
             with open(tmp, "w", encoding="utf-8") as out:
                 for row in rows:
-                    out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                    out.write(encode(row))
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -16,31 +19,76 @@ from personascope.errors import PersonascopeError
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
 
-    A crash or an exception leaves `path` as it was (and no temporary file behind).
+    The temporary file is synced before the rename and the folder after it. A crash or an exception (a full disk,
+    a file-size limit) leaves `path` as it was; the temporary file is removed, or by the next write of `path` if
+    the process was killed. A write the system refuses raises `write_error`'s one-line error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(Path(tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a writer killed mid-write
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's permissions, as open()
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def save_whole(folder: str | Path, save: Callable[[Path], None]) -> Path:
+    """Call `save(tmp)` on a temporary folder inside `folder` (e.g. `save_pretrained`), then move each file it wrote
+    into `folder` with a rename: every file appears whole, and a failure leaves `folder`'s files as they were."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".saving-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+        tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    try:
+        save(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        for path in tmp.iterdir():
+            os.replace(path, folder / path.name)
+        _fsync(folder)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_error(path: str | Path, exc: OSError) -> PersonascopeError:
+    """A write the system refused (disk full, a file-size limit, a read-only folder) as one clear error."""
+    return PersonascopeError(f"cannot write {path}: {exc.strerror or exc}; what was finished before is kept: free "
+                             "space or make the folder writable, then rerun to resume")
+
+
+def _fsync(path: str | Path) -> None:
+    """Sync a written file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) atomically, synced to disk before the rename."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    return atomic_write(path, write)
+    """Write `text` (UTF-8) atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def to_jsonable(value: Any) -> Any:

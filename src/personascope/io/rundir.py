@@ -1,9 +1,8 @@
-"""Run directories: append-only JSONL row logs, atomic JSON files, and a manifest that guards resumption."""
+"""Run directories: a manifest that records a run's settings and versions and guards its resumption."""
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Collection
 from pathlib import Path
@@ -11,44 +10,6 @@ from typing import Any
 
 from personascope.errors import PersonascopeError
 from personascope.io.files import write_json
-
-
-class JsonlLog:
-    """Rows with a stable `id`, appended and flushed one at a time."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def read(self) -> dict[str, dict[str, Any]]:
-        """The rows written so far, by id (a later row with the same id wins; a torn last line is ignored)."""
-        rows: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return rows
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # the partial line of a killed run
-                if isinstance(row, dict) and "id" in row:
-                    rows[str(row["id"])] = row
-        return rows
-
-    def append(self, row: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            if needs_newline:
-                handle.write("\n")  # seal a torn line left by a kill
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
 
 
 def versions() -> dict[str, str]:

@@ -148,6 +148,11 @@ class Judge:
     def spec(self) -> str:
         return self.llm.spec
 
+    @property
+    def retries(self) -> int:
+        """Requests sent again after a transient failure, so far."""
+        return self.llm.retries
+
     def score(self, prompt: str) -> float | None:
         """Score one prompt with a request (no cache); raises LLMRequestError if it fails."""
         messages = [{"role": "user", "content": prompt}]

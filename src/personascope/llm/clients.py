@@ -28,10 +28,12 @@ class LLMRequestError(PersonascopeError):
 
 
 class LLM(Protocol):
-    """A chat model. ``identity`` names the model and endpoint (used as a cache key)."""
+    """A chat model. ``identity`` names the model and endpoint (used as a cache key); ``retries`` counts the
+    requests it has sent again after a transient failure (429, 5xx, timeout, lost connection)."""
 
     spec: str
     identity: str
+    retries: int
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0,
                  json_mode: bool = False) -> str:
@@ -122,6 +124,7 @@ class _Endpoint:
     policy: _Policy
     headers: dict[str, str] = field(repr=False)
     secret: str | None = field(repr=False)
+    retries: int = 0
     _client: httpx.Client | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -156,6 +159,8 @@ class _Endpoint:
                 else:
                     raise self._refused(url, status, response.text)
             if attempt < self.policy.max_retries:
+                with self._lock:
+                    self.retries += 1
                 time.sleep(self.policy.delay(attempt, retry_after))
         raise LLMRequestError(f"{self.spec}: request to {url} failed after "
                               f"{self.policy.max_retries + 1} attempts; last: {problem}")
@@ -201,6 +206,10 @@ class _HTTPChat:
     @property
     def identity(self) -> str:
         return f"{self.spec}@{self.endpoint.base}"
+
+    @property
+    def retries(self) -> int:
+        return self.endpoint.retries
 
 
 @dataclass
@@ -262,6 +271,7 @@ class HFChat:
 
     spec: str
     model_name: str
+    retries: int = 0  # a local model is never asked twice
     _handle: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -107,15 +107,17 @@ class _Scorer:
                          "record": [json.dumps(r[3], ensure_ascii=False, default=str) for r in records]})
 
 
-def _drop_done(table: Any, done: frozenset[int], shard_rows: int) -> Any:
-    """Rows of `table` whose shard is not finished yet."""
+def _drop_done(table: Any, done: frozenset[int], recorded: frozenset[int], shard_rows: int) -> Any:
+    """Rows of `table` that are not recorded yet: neither in a finished shard nor among `recorded` rows."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not done:
-        return table
-    shard = pc.divide(table[INDEX], pa.scalar(shard_rows, table[INDEX].type))
-    return table.filter(pc.invert(pc.is_in(shard, pa.array(sorted(done), table[INDEX].type))))
+    if done:
+        shard = pc.divide(table[INDEX], pa.scalar(shard_rows, table[INDEX].type))
+        table = table.filter(pc.invert(pc.is_in(shard, pa.array(sorted(done), table[INDEX].type))))
+    if recorded:
+        table = table.filter(pc.invert(pc.is_in(table[INDEX], pa.array(sorted(recorded), table[INDEX].type))))
+    return table
 
 
 #: The `ray.data` reader of each input format.
@@ -218,6 +220,7 @@ def _run_pipeline(ray: Any, dataset: Any, n_rows: int, writer: ShardWriter, sett
     """Score the unfinished shards' rows and hand each record to the shard writer."""
     indexed = dataset.zip(ray.data.range(n_rows).rename_columns({"id": INDEX}))
     todo = indexed.map_batches(_drop_done, fn_kwargs={"done": frozenset(writer.done),
+                                                      "recorded": frozenset(writer.recorded),
                                                       "shard_rows": settings.shard_rows}, batch_format="pyarrow")
     scored = todo.map_batches(
         _Scorer, fn_constructor_kwargs=scorer, batch_format="pyarrow", batch_size=4 * scorer["max_batch"],
@@ -228,7 +231,7 @@ def _run_pipeline(ray: Any, dataset: Any, n_rows: int, writer: ShardWriter, sett
         with progress_bar(writer.pending_rows, "Screening (Ray)", enabled=progress) as bar:
             for table in scored.iter_batches(batch_format="pyarrow", batch_size=None):
                 rows = writer.add(table[INDEX].to_pylist(), table["kind"].to_pylist(), table["id"].to_pylist(),
-                                  table["record"].to_pylist())
+                                  [json.loads(record) for record in table["record"].to_pylist()])
                 bar.advance(0, rows)
     except ray.exceptions.RayError as exc:
         cause = str(exc).strip().splitlines()
