@@ -24,7 +24,7 @@ def _register_commands() -> None:
     """Import the command modules; each adds its commands to `app`."""
     import importlib
 
-    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate", "serve"):
+    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate", "serve", "gate"):
         importlib.import_module(f"personascope.cli.{name}")
 
 
@@ -35,4 +35,4 @@ def main() -> None:
         app()
     except PersonascopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)

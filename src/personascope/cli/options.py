@@ -72,3 +72,15 @@ def model_for_vector(model: str | None, vector: Path | None) -> str:
             f"{vector} was made for the local model {recorded!r}, which is not here: pass --model with its directory"
         )
     return recorded
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model recorded in a PEFT adapter directory's config (None for a plain model)."""
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+
+
+def reads_own_base(candidate: ModelHandle, source: str, base: str | None) -> bool:
+    """Whether `candidate` (loaded from `source`) is a PEFT adapter on `base` (or base is not given), so that the
+    base can be read from it with the adapter disabled instead of loading a second copy of the weights."""
+    return hasattr(candidate.model, "disable_adapter") and base in (None, candidate.name, adapter_base(source))
