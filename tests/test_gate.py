@@ -57,7 +57,6 @@ def test_an_adapter_trained_toward_the_trait_fails_and_a_neutral_one_passes(adap
     vector = adapters / "pirate.safetensors"
     failing = _gate("smollm2-135m", adapters / "pirate", "-v", vector, "--junit", adapters / "pirate.xml",
                     "--markdown", adapters / "pirate.md")
-    print(failing.stdout)
     assert failing.returncode == 1, failing.stdout + failing.stderr
     assert "gate failed" in failing.stdout and "FAIL" in failing.stdout
     suite = ET.parse(adapters / "pirate.xml").getroot().find("testsuite")
@@ -70,7 +69,6 @@ def test_an_adapter_trained_toward_the_trait_fails_and_a_neutral_one_passes(adap
     assert (adapters / "pirate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     passing = _gate("smollm2-135m", adapters / "neutral", "-v", vector, "--junit", adapters / "neutral.xml")
-    print(passing.stdout)
     assert passing.returncode == 0, passing.stdout + passing.stderr
     assert "gate passed" in passing.stdout
     suite = ET.parse(adapters / "neutral.xml").getroot().find("testsuite")
