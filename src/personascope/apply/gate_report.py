@@ -46,6 +46,7 @@ def plot_gate(report: GateReport, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure = Figure(figsize=(6, 0.6 + 0.45 * len(report.traits)), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
