@@ -47,7 +47,7 @@ def plot_gate(report: GateReport, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = Figure(figsize=(6, 0.6 + 0.45 * len(report.traits)), dpi=110)
+    figure = Figure(figsize=(6, 1.4 + 0.45 * len(report.traits)), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     names = [t.trait for t in report.traits]
