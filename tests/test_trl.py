@@ -73,3 +73,16 @@ def test_sft_trainer_reports_each_traits_projection_per_step_to_tensorboard(tiny
                      for name in ("plain-adapter", "guarded-adapter"))
     assert before.keys() == after.keys() and before
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the guard shaped the training
+
+
+def test_a_monitor_given_only_in_callbacks_warns_that_report_to_misses_it(tiny_chat, tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    handle = load_model(str(tiny_chat))
+    monitor = TraitMonitorCallback(handle, [_vector(handle, "optimistic", 1)], QUESTIONS)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to="tensorboard", use_cpu=True, bf16=False)
+    state = TrainerState()
+    with pytest.warns(UserWarning, match=r"monitor\.attach\(trainer\)"):
+        monitor.on_train_begin(args, state, TrainerControl(), model=handle.model)
+    assert [row["step"] for row in monitor.history] == [0]
+    assert "persona/optimistic/projection" in state.log_history[0]
