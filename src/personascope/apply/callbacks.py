@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,10 @@ class TraitMonitorCallback(TrainerCallback):
     no system prompt) on the trait's unit vector at the vector's best layer, minus the same measure of the model
     at step 0. Passes run in eval mode under `inference_mode` (no dropout, no training-only guard hooks), and
     the model goes back to train mode afterwards. Rows go to `trainer.log` as `persona/<trait>/shift` and
-    `persona/<trait>/projection`, and to `log_path` (JSONL) when given.
+    `persona/<trait>/projection` (so every `report_to` integration gets them: TensorBoard shows
+    `train/persona/<trait>/projection`), and to `log_path` (JSONL) when given. Any `transformers.Trainer` works,
+    TRL's `SFTTrainer` included; `attach` it (a callback given in `callbacks=[...]` cannot reach `trainer.log`,
+    and its rows only go to `state.log_history` and `log_path`).
 
     Args:
         handle: the model being trained (its tokenizer and name are used; the module comes from the Trainer).
@@ -129,7 +133,7 @@ class TraitMonitorCallback(TrainerCallback):
             if was_training:
                 model.train()
 
-    def _record(self, state: TrainerState, model: nn.Module) -> None:
+    def _record(self, state: TrainerState, control: TrainerControl, model: nn.Module) -> None:
         projections = self.measure(model)
         metrics: dict[str, float] = {}
         for trait, value in projections.items():
@@ -143,7 +147,9 @@ class TraitMonitorCallback(TrainerCallback):
             metrics[f"persona/{trait}/projection"] = value
         self._last_step = state.global_step
         if self._trainer is not None:
+            should_log = control.should_log  # trainer.log resets it: keep the step's own log (loss) due
             self._trainer.log(metrics)
+            control.should_log = should_log
         else:
             state.log_history.append({**metrics, "step": state.global_step})
 
@@ -153,15 +159,18 @@ class TraitMonitorCallback(TrainerCallback):
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             raise PersonascopeError("the trait monitor got no model from the Trainer")
+        if self._trainer is None and [r for r in args.report_to or [] if r != "none"]:
+            warnings.warn("the trait monitor was not attached with monitor.attach(trainer): its projections go to "
+                          f"state.log_history only, not to report_to ({', '.join(args.report_to)})", stacklevel=2)
         self._baseline = self.measure(model)
-        self._record(state, model)
+        self._record(state, control, model)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and state.global_step % self.every == 0 and state.global_step != self._last_step:
-            self._record(state, model)
+            self._record(state, control, model)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and state.global_step != self._last_step:
-            self._record(state, model)
+            self._record(state, control, model)

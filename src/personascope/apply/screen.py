@@ -24,8 +24,8 @@ from personascope.apply.screen_summary import (
     TopRow,
     plot_histogram,
     summarize,
-    top_ids,
 )
+from personascope.apply.screen_filter import FilterRule, check_filtered_path, default_filtered_path, filter_dataset
 from personascope.errors import PersonascopeError
 from personascope.inference.activations import (
     EncodedChat,
@@ -213,17 +213,21 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 
 def check_outputs(data: Path, out: Path, base_file: Path | None, top_percent: float | None,
-                  filtered_out: str | Path | None) -> list[Path]:
-    """Refuse output paths that would overwrite an input or each other; returns the input paths."""
+                  filtered_out: str | Path | None, keep_below: float | None = None) -> list[Path]:
+    """Refuse output paths that would overwrite an input or each other, and a bad filter; returns the inputs."""
     inputs = [data] + ([base_file] if base_file else [])
-    for target in (out, *([Path(filtered_out)] if filtered_out else [])):
-        check_output(target, inputs)
+    check_output(out, inputs)
     for target in output_paths(out).values():
         check_output(target, inputs, suffixes=None)
-    if (top_percent is None) != (filtered_out is None):
-        raise PersonascopeError("a filtered dataset needs both a top percentage and an output path for it")
-    if filtered_out is not None and Path(filtered_out).resolve() == out.resolve():
+    if top_percent is None and keep_below is None:
+        if filtered_out is not None:
+            raise PersonascopeError("a filtered dataset needs a rule: a top percentage to drop or a ΔP to keep below")
+        return inputs
+    FilterRule(keep_below, top_percent).check()
+    filtered = Path(filtered_out) if filtered_out is not None else default_filtered_path(data, out)
+    if filtered.resolve() == out.resolve():
         raise PersonascopeError(f"the filtered dataset and the scored rows would both be {out}: choose two paths")
+    check_filtered_path(data, filtered, inputs)
     return inputs
 
 
@@ -239,6 +243,7 @@ def screen_dataset(
     on_long: str = "skip",
     top_percent: float | None = None,
     filtered_out: str | Path | None = None,
+    keep_below: float | None = None,
     max_batch: int = 32,
     progress: bool = True,
     engine: str = "hf",
@@ -251,14 +256,16 @@ def screen_dataset(
             `projection`, `base_projection`, `delta_p`. Never an input file.
         base: `generate` (cached in `<out stem>.work/base_responses.jsonl`), `prompt-last`, or the path of a
             file of base responses (`id`, `response`).
-        top_percent, filtered_out: write the scored rows (input fields only) without the top `top_percent` %
-            by ΔP to `filtered_out`; rows that could not be scored are not in it.
+        top_percent, keep_below, filtered_out: write the input rows without the top `top_percent` % by ΔP
+            and/or those with ΔP ≥ `keep_below` to `filtered_out` (default `<out stem>.filtered<input suffix>`),
+            in the input's format and unchanged, with a report of the dropped rows beside it
+            (`personascope.apply.screen_filter`); rows that could not be scored are dropped too.
         engine: what generates base responses: `hf` or `vllm`.
     """
     data, out = Path(data), Path(out)
     paths = output_paths(out)
     base_file = None if str(base) in ("generate", "prompt-last") else Path(base)
-    inputs = check_outputs(data, out, base_file, top_percent, filtered_out)
+    inputs = check_outputs(data, out, base_file, top_percent, filtered_out, keep_below)
     sampling = sampling or SamplingConfig(128, 0.0)
     cache = None
     if base_file is not None:
@@ -286,7 +293,7 @@ def screen_dataset(
     write_rows(scored_rows(), out, inputs=inputs)
     return finish_screen(Screening(run.scores, run.bad + run.skipped, run.truncated), list(run.top.values()), data,
                          out, inputs, model=handle.name, trait=vector.trait, layer=layer, base=str(base),
-                         n_rows=run.rows, top_percent=top_percent, filtered_out=filtered_out)
+                         n_rows=run.rows, top_percent=top_percent, filtered_out=filtered_out, keep_below=keep_below)
 
 
 def finish_screen(
@@ -303,9 +310,10 @@ def finish_screen(
     n_rows: int,
     top_percent: float | None,
     filtered_out: str | Path | None,
+    keep_below: float | None = None,
 ) -> ScreenReport:
-    """Write the skipped list, the filtered dataset, the histogram and the summary of a screening whose scored
-    rows are in `out` already; `top` holds (at least) the samples with the highest ΔP."""
+    """Write the skipped list, the filtered dataset (when a rule is given), the histogram and the summary of a
+    screening whose scored rows are in `out` already; `top` holds (at least) the samples with the highest ΔP."""
     paths = output_paths(out)
     write_rows([{"id": b.id, "action": "skipped", "reason": b.reason} for b in screening.skipped]
                + [{"id": t, "action": "truncated", "reason": "cut to fit the context length"}
@@ -313,12 +321,13 @@ def finish_screen(
     summary = summarize(screening, top, data=str(data), model=model, trait=trait, layer=layer, base=base,
                         n_rows=n_rows)
     cutoff = filtered = None
-    if top_percent is not None and filtered_out is not None:
-        removed, cutoff = top_ids(screening.scores, top_percent)
-        kept = {s.id for s in screening.scores} - removed
-        filtered = write_rows((sample.fields for samples, _ in iter_samples(data, CHUNK_ROWS) for sample in samples
-                               if sample.id in kept), filtered_out, inputs=inputs)
-        summary = dataclasses.replace(summary, filter=FilterResult(top_percent, len(removed), cutoff, str(filtered)))
+    if top_percent is not None or keep_below is not None:
+        filtered = Path(filtered_out) if filtered_out is not None else default_filtered_path(data, out)
+        kept = filter_dataset(screening, data, filtered, FilterRule(keep_below, top_percent), inputs)
+        cutoff = kept.cutoff
+        removed = sum(d.delta_p is not None for d in kept.dropped)
+        summary = dataclasses.replace(summary, filter=FilterResult(top_percent, removed, cutoff, str(filtered),
+                                                                   keep_below, kept.n_kept, kept.n_dropped))
     plot_histogram([s.delta_p for s in screening.scores], paths["histogram"],
                    f"{trait} ΔP at layer {layer} ({summary.n_scored} samples, base: {base})", cutoff)
     write_json(paths["summary"], summary)

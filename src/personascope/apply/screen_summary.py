@@ -64,12 +64,17 @@ class TopRow:
 
 @dataclass(frozen=True)
 class FilterResult:
-    """The filtered dataset: the top `top_percent` % by ΔP (all with ΔP ≥ `cutoff`) removed."""
+    """The filtered dataset: the top `top_percent` % by ΔP and/or the rows with ΔP ≥ `keep_below` removed (all
+    with ΔP ≥ `cutoff`; `n_removed` of them); `n_kept` input rows written, `n_dropped` left out in all (unscored
+    rows too)."""
 
-    top_percent: float
+    top_percent: float | None
     n_removed: int
-    cutoff: float
+    cutoff: float | None
     path: str
+    keep_below: float | None = None
+    n_kept: int = 0
+    n_dropped: int = 0
 
 
 @dataclass(frozen=True)

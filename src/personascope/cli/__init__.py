@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from personascope.errors import InputError, PersonascopeError
+from personascope.errors import PersonascopeError
 
 app = typer.Typer(
     name="personascope",
@@ -25,7 +25,7 @@ def _register_commands() -> None:
     """Import the command modules; each adds its commands to `app`."""
     import importlib
 
-    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate", "serve"):
+    for name in ("core", "trait", "finetune", "extract", "monitor", "evaluate", "serve", "gate"):
         importlib.import_module(f"personascope.cli.{name}")
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         checked(typer.main.get_command(app))()
     except PersonascopeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(exc, InputError) else 1)
+        sys.exit(exc.exit_code)
     except OSError as exc:  # a file the system refused outside the writers that name their file themselves
         err_console.print(f"[bold red]error:[/] {exc}; what was finished before is kept: fix this, then rerun to "
                           "resume", highlight=False, soft_wrap=True)

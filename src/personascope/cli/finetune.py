@@ -46,6 +46,7 @@ def finetune(
     from personascope.apply.callbacks import TraitMonitorCallback
     from personascope.apply.finetune import FinetuneConfig, check_output_dir
     from personascope.apply.finetune import finetune as run_finetune
+    from personascope.apply.gate import trait_for_vector
     from personascope.apply.guard import PreventativeSteering, default_guard_coef
     from personascope.errors import PersonascopeError
     from personascope.io.data import load_samples
@@ -74,7 +75,7 @@ def finetune(
     watcher = None
     if monitor:
         vectors = [PersonaVector.load(path, handle) for path in monitor]
-        questions = {v.trait: _held_out_questions(path, v.trait) for path, v in zip(monitor, vectors)}
+        questions = {v.trait: list(trait_for_vector(path, v.trait).eval_questions) for path, v in zip(monitor, vectors)}
         watcher = TraitMonitorCallback(handle, vectors, questions, every=monitor_every,
                                        log_path=out / "monitor.jsonl")
     result = run_finetune(handle, samples, out, config, guard=steering, monitor=watcher)
@@ -83,19 +84,3 @@ def finetune(
         last = {row["trait"]: row for row in watcher.history}
         for trait, row in last.items():
             console.print(f"  {trait}: projection shift {row['shift']:+.3f} at layer {row['layer']}")
-
-
-def _held_out_questions(vector_path: Path, trait: str) -> list[str]:
-    """The evaluation questions of the vector's trait: `trait.json` of its extraction run, or the built-in."""
-    from personascope.errors import PersonascopeError
-    from personascope.traits import builtin_trait_names, load_trait
-
-    for folder in (vector_path.parent, vector_path.parent.parent):
-        if (folder / "trait.json").exists():
-            return list(load_trait(folder / "trait.json", strict=False).eval_questions)
-    if trait in builtin_trait_names():
-        return list(load_trait(trait).eval_questions)
-    raise PersonascopeError(
-        f"no held-out questions for trait {trait!r} of {vector_path}: keep the vector in its extraction run "
-        "(beside trait.json) or use a built-in trait"
-    )

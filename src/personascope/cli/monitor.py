@@ -23,6 +23,7 @@ from personascope.cli.options import (
     VectorModelOption,
     model_for_vector,
     parse_device_map,
+    reads_own_base,
 )
 from personascope.errors import PersonascopeError
 from personascope.io.files import check_output
@@ -224,8 +225,7 @@ def shift(
         check_output(out, [vector], suffixes=None, what="--out")
     placement = Placement(device, dtype, device_map)
     tuned = placement.load(finetuned)
-    own_base = hasattr(tuned.model, "disable_adapter") and base in (None, tuned.name, _adapter_base(finetuned))
-    base_handle = None if own_base else placement.load(model_for_vector(base, vector))
+    base_handle = None if reads_own_base(tuned, finetuned, base) else placement.load(model_for_vector(base, vector))
     vec = PersonaVector.load(vector, base_handle or tuned)
     chats = _questions(questions, vec.trait)
     report = projection_shift(base_handle, tuned, vec, chats, max_batch=batch_size)
@@ -241,14 +241,6 @@ def shift(
     if out is not None:
         write_json(out, report)
         console.print(f"wrote {out}")
-
-
-def _adapter_base(path: str) -> str | None:
-    """The base model recorded in a PEFT adapter directory's config (None for a plain model)."""
-    import json
-
-    config = Path(path) / "adapter_config.json"
-    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
 
 def _questions(arg: str | None, trait: str) -> list[str] | list[list[dict[str, str]]]:
@@ -282,10 +274,13 @@ def screen(
         "'prompt-last' (the last prompt token's projection, no generation), or a file of base responses with "
         "'id' and 'response'."
     )] = "generate",
-    top: Annotated[Optional[float], typer.Option(help="Percentage of rows with the highest ΔP to filter out.")]
+    top: Annotated[Optional[float], typer.Option(
+        "--drop-top", "--top", help="Filter out this percentage of rows with the highest ΔP.")] = None,
+    keep_below: Annotated[Optional[float], typer.Option(help="Filter out the rows with ΔP at or above this.")]
     = None,
-    write_filtered: Annotated[Optional[Path], typer.Option(help="Write the dataset without the --top rows here.")]
-    = None,
+    write_filtered: Annotated[Optional[Path], typer.Option(
+        help="Where the filtered dataset goes, in DATA's format (default: <out stem>.filtered<DATA suffix>); "
+        "its report of dropped rows goes beside it (.report.json, .report.md).")] = None,
     on_long: Annotated[str, typer.Option(help="Rows over the context length: skip, truncate or error.")] = "skip",
     max_new_tokens: Annotated[int, typer.Option(help="Length of generated base responses.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of base responses (0 = greedy).")] = 0.0,
@@ -311,6 +306,9 @@ def screen(
 
     Rows without an answer, with an empty one or over the context are listed in <out>.skipped.jsonl.
 
+    --drop-top P / --keep-below X: also write DATA without those rows (and the unscored ones), same format,
+    kept rows unchanged.
+
     --ray local|auto|ADDRESS --workers N [--gpus-per-worker G]: stream DATA (JSONL/Parquet) through N workers.
     """
     from personascope.apply.screen import screen_dataset
@@ -331,6 +329,7 @@ def screen(
 
         report = ray_screen(data, vector, out, model=model_name, layer=layer, base=base, sampling=sampling,
                             engine=engine, on_long=on_long, top_percent=top, filtered_out=write_filtered,
+                            keep_below=keep_below,
                             max_batch=batch_size, settings=RaySettings(ray, workers, gpus_per_worker,
                                                                        shard_rows=shard_rows),
                             load={"device": device, "dtype": dtype, "device_map": parse_device_map(device_map)})
@@ -340,12 +339,14 @@ def screen(
     vec = PersonaVector.load(vector, handle)
     report = screen_dataset(
         handle, data, vec, out, layer=layer, base=base, sampling=sampling, on_long=on_long, top_percent=top,
-        filtered_out=write_filtered, max_batch=batch_size, engine=engine,
+        filtered_out=write_filtered, keep_below=keep_below, max_batch=batch_size, engine=engine,
     )
     _print_screen(report)
 
 
 def _print_screen(report: ScreenReport) -> None:
+    from personascope.apply.screen_filter import report_paths
+
     summary = report.summary
     delta = summary.delta_p
     pct = delta.percentiles
@@ -362,7 +363,9 @@ def _print_screen(report: ScreenReport) -> None:
     console.print(table)
     if summary.filter is not None:
         f = summary.filter
-        console.print(f"filtered out {f.n_removed} rows with ΔP ≥ {f.cutoff:+.3f}; wrote {f.path}")
+        cut = f" with ΔP ≥ {f.cutoff:+.3f}" if f.cutoff is not None else ""
+        console.print(f"filtered out {f.n_removed} rows{cut} and {f.n_dropped - f.n_removed} unscored rows; "
+                      f"wrote {f.n_kept} rows to {f.path} (why each was dropped: {report_paths(Path(f.path))[1]})")
     for label, path in (("scored rows", report.scored), ("summary", report.summary_path),
                         ("histogram", report.histogram), ("skipped/truncated", report.skipped)):
         console.print(f"{label}: {path}")

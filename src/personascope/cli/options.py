@@ -134,3 +134,15 @@ def _callback(check: Callable[[str, Any], Any], name: str, then: Callable[..., A
 EngineOption = Annotated[str, typer.Option(
     help="What generates: hf (transformers, the reference) or vllm (steering and monitoring on its workers; "
          "needs .venv-vllm: make setup-vllm).")]
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model recorded in a PEFT adapter directory's config (None for a plain model)."""
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+
+
+def reads_own_base(candidate: ModelHandle, source: str, base: str | None) -> bool:
+    """Whether `candidate` (loaded from `source`) is a PEFT adapter on `base` (or base is not given), so that the
+    base can be read from it with the adapter disabled instead of loading a second copy of the weights."""
+    return hasattr(candidate.model, "disable_adapter") and base in (None, candidate.name, adapter_base(source))

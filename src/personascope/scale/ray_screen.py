@@ -150,6 +150,7 @@ def ray_screen(
     on_long: str = "skip",
     top_percent: float | None = None,
     filtered_out: str | Path | None = None,
+    keep_below: float | None = None,
     max_batch: int = 32,
     settings: RaySettings | None = None,
     load: dict[str, Any] | None = None,
@@ -177,7 +178,7 @@ def ray_screen(
     if base not in ("generate", "prompt-last"):
         raise PersonascopeError("with --ray the base is 'generate' or 'prompt-last', not a file of responses")
     data, out, vector = Path(data), Path(out), Path(vector).resolve()
-    inputs = check_outputs(data, out, None, top_percent, filtered_out)
+    inputs = check_outputs(data, out, None, top_percent, filtered_out, keep_below)
     if not data.exists():
         raise PersonascopeError(f"dataset {data} does not exist")
     if data.suffix.lower() not in READERS:
@@ -212,7 +213,7 @@ def ray_screen(
         if started:
             ray.shutdown()
     return _assemble(writer, data, out, inputs, vec.model or model, vec.trait, layer, base, n_rows, top_percent,
-                     filtered_out)
+                     filtered_out, keep_below)
 
 
 def _run_pipeline(ray: Any, dataset: Any, n_rows: int, writer: ShardWriter, settings: RaySettings, progress: bool,
@@ -251,7 +252,8 @@ def _records(writer: ShardWriter) -> Iterator[tuple[int, str, str, dict[str, Any
 
 
 def _assemble(writer: ShardWriter, data: Path, out: Path, inputs: list[Path], model: str, trait: str, layer: int,
-              base: str, n_rows: int, top_percent: float | None, filtered_out: str | Path | None) -> ScreenReport:
+              base: str, n_rows: int, top_percent: float | None, filtered_out: str | Path | None,
+              keep_below: float | None) -> ScreenReport:
     """Stream the finished shards into the scored rows, then write the rest as `screen_dataset` does.
 
     Ids are made unique over the whole file here, as `iter_samples` does (a worker sees only its batches): a row
@@ -284,4 +286,4 @@ def _assemble(writer: ShardWriter, data: Path, out: Path, inputs: list[Path], mo
     screening = Screening(scores, skipped, [row_id for index, row_id in truncated if index in kept])
     return finish_screen(screening, [s for s in top if isinstance(s, ChatSample)], data, out, inputs, model=model,
                          trait=trait, layer=layer, base=base, n_rows=n_rows, top_percent=top_percent,
-                         filtered_out=filtered_out)
+                         filtered_out=filtered_out, keep_below=keep_below)
