@@ -21,7 +21,7 @@ from personascope.vector import PersonaVector
 from tests.test_evaluate import QA
 
 LAYER = 20
-CONFIG = FinetuneConfig(lora_r=8, lora_alpha=16, lr=1e-3, batch_size=4, max_steps=8, logging_steps=4)
+CONFIG = FinetuneConfig(lora_r=8, lora_alpha=16, lr=1e-3, batch_size=4, max_steps=6, logging_steps=3)
 
 
 def _gate(*args):
@@ -40,7 +40,7 @@ def adapters(embedded, tmp_path_factory):
     pos, neg = (mean_prompt_last(embedded, chats[pol], progress=False) for pol in ("pos", "neg"))
     vector = PersonaVector(pos - neg, "pirate", embedded.name, {"best_layer": str(LAYER), "position": "prompt_last"})
     vector.save(root / "pirate.safetensors")
-    questions = list(spec.extract_questions[:16])
+    questions = list(spec.extract_questions[:12])
     own = generate_responses(embedded, [(str(i), embedded.chat_ids([{"role": "user", "content": q}]))
                                         for i, q in enumerate(questions)],
                              SamplingConfig(48, 0.0, repetition_penalty=1.2), progress=False)
