@@ -41,7 +41,7 @@ BAD = [
     (["evaluate", "{out}", "--pairs", "0"], "--pairs 0"),
     (["monitor", "--vector", "v.safetensors", "--temperature", "nan"], "--temperature nan"),
     (["monitor", "--vector", "v.safetensors", "--batch-size", "-4"], "--batch-size -4"),
-    (["screen", "d.jsonl", "--vector", "v.safetensors", "--out", "{out}", "--top", "-1"], "--top -1.0"),
+    (["screen", "d.jsonl", "--vector", "v.safetensors", "--out", "{out}", "--top", "-1"], "--drop-top -1.0"),
     (["screen", "d.jsonl", "--vector", "v.safetensors", "--out", "{out}", "--gpus-per-worker", "-1"], "at least 0"),
     (["screen", "d.jsonl", "--vector", "v.safetensors", "--out", "{out}", "--shard-rows", "0"], "--shard-rows"),
     (["shift", "d.jsonl", "--vector", "v.safetensors", "--batch-size", "0"], "--batch-size 0"),
