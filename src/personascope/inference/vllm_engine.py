@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -145,8 +146,6 @@ def prompt_for(ids: Sequence[int], spec: PersonaSpec | None) -> Any:
 
 def take_readings(llm: Any, keys: Sequence[str], prompt_lengths: Sequence[int]) -> list[dict[str, Any]]:
     """The monitor readings the workers filed under `keys` (removed there): per key `prompt_last` and `tokens`."""
-    import json
-
     return json.loads(llm.collective_rpc("persona_readings", args=(list(keys), list(prompt_lengths)))[0])
 
 

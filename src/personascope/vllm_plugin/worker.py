@@ -102,7 +102,7 @@ class PersonaState:
                 raise PersonascopeError(f"layer {layer} is outside 1..{self.num_layers}")
             coef = item.coef if item.op == "add" else 0.0
             steer.append((layer, vector.slot, item.op, item.scope, coef, item.value))
-        monitor = tuple((name, self._vector(name).layer, self._vector(name).slot) for name in spec.monitor)
+        monitor = tuple((name, (v := self._vector(name)).layer, v.slot) for name in spec.monitor)
         return _Plan(tuple(steer), monitor, spec.key)
 
     def _vector(self, name: str) -> Registered:
