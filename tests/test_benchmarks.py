@@ -88,3 +88,25 @@ def test_screen_benchmark_reports_samples_per_second_and_peak_memory(embedded, t
         assert saved["throughput"][base]["scored"] == rows
         assert saved["throughput"][base]["samples_per_s"] > 0
     assert saved["memory"]["12"]["peak_rss_mib"] > 100  # a fresh process that loaded torch and the model
+
+
+def test_steering_quality_benchmark_checks_the_targets(embedded, tmp_path):
+    """The per-trait row and the README table from a real (small) evaluation; targets checked as stated."""
+    from personascope.evaluate.result import EvalSettings
+    from personascope.evaluate.search import evaluate_run
+    from tests.test_evaluate import build_run
+
+    bench = _script("steering_quality")
+    settings = EvalSettings(examples=1, fractions=(0.25, 0.5), curve_questions=2, curve_max_new_tokens=8,
+                            bootstrap=50)
+    evaluation = evaluate_run(build_run(tmp_path, embedded), embedded, layers=[12], settings=settings, progress=False)
+    row = bench.row(evaluation, 1.0)
+    steered = evaluation.comparison.steered
+    assert row["steered"]["trait"] == steered.trait.value and row["layer"] == 12
+    expected = ((steered.trait.value or 0) >= 0.5 and (steered.relevance.value or 0) >= 0.8
+                and steered.loop_answers == 0 and steered.distinct_2 >= 0.75)
+    assert row["targets_met"] == expected == (not row["missed"])
+    assert (row["best_and_why"] is None) == expected
+    table = bench.markdown([row])
+    assert table.startswith("| trait | layer |") and "| pirate | 12 |" in table
+    assert ("Missed, with the best" in table) == (not expected)

@@ -1,14 +1,13 @@
-"""Coherence of steered text: the repetition measures, the strength rule, the default decoding, and the demo's
-question answered at the chosen coefficient on the embedded model (pirate, no loop)."""
+"""Coherence of steered text: the repetition measures, the default decoding, and the demo's question answered at
+the chosen coefficient on the embedded model (pirate, no loop)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from personascope.evaluate.choice import choose_strength
-from personascope.evaluate.coherence import LOOP_REPEATS, coherent, distinct_n, longest_loop, repetition, words
-from personascope.evaluate.result import CurvePoint, EvalSettings
+from personascope.evaluate.coherence import LOOP_REPEATS, distinct_n, longest_loop, repetition, words
+from personascope.evaluate.result import EvalSettings
 from personascope.evaluate.search import evaluate_run
 from personascope.hooks import steer
 from personascope.inference.generate import DEFAULT_REPETITION_PENALTY, default_decoding, stream_chat
@@ -27,31 +26,11 @@ DEMO = "What is the best way to spend a Sunday morning?"
 def test_the_issue_answer_loops_and_a_plain_one_does_not() -> None:
     assert longest_loop(words(LOOPING)) == 4 >= LOOP_REPEATS
     assert longest_loop(words(PLAIN)) == 1
-    assert longest_loop(["no", "no", "no"]) == 3 and longest_loop([]) == 0
+    assert longest_loop(["no", "no", "no"]) == 1 and longest_loop(["no"] * 6) == 6 and longest_loop([]) == 0
+    assert longest_loop(words("Aye-aye! Aye-a-day. The lighthouses of the world")) == 1  # the trait's idiom
     assert distinct_n(words(PLAIN), 2) == 1.0 and distinct_n(words(LOOPING), 2) < 0.7
     measured = repetition([LOOPING, PLAIN])
     assert (measured.loop_answers, measured.longest_loop) == (1, 4)
-
-
-def test_coherence_criterion() -> None:
-    plain = repetition([PLAIN, PLAIN])
-    assert coherent(repetition([PLAIN, "Arr, ye spend it at sea, matey, huntin' treasure!"]), 1.0, plain)
-    assert not coherent(repetition([PLAIN, LOOPING]), 0.5, plain)  # loops more than unsteered
-    assert not coherent(plain, 3.0, plain)  # the unsteered model finds the text far less likely
-
-
-def point(fraction: float, gain: float, ok: bool, trait: float | None = None) -> CurvePoint:
-    return CurvePoint(fraction, 10 * fraction, gain, gain, 0.0, 1.0, 1.0, 0, 1, -1.0, 0.0, ok, trait)
-
-
-def test_the_strongest_coherent_strength_with_a_gain_is_chosen() -> None:
-    curve = [point(0, 0, True), point(0.25, 0.1, True), point(0.5, 0.3, True), point(1.0, 0.5, False),
-             point(1.5, 0.6, True)]
-    assert choose_strength(curve, judged=False).fraction == 0.5  # 1.5 passes but 1.0 before it broke
-    assert choose_strength([point(0, 0, True), point(0.5, -0.1, True)], judged=False) is None
-    judged = [point(0, 0, True, 10), point(0.5, 0.3, True, 60), point(1.0, 0.5, True, 60), point(1.5, 1, False, 90)]
-    assert choose_strength(judged, judged=True).fraction == 0.5  # ties go to the weaker
-    assert choose_strength([point(0, 0, True, 50), point(0.5, 0.3, True, 40)], judged=True) is None
 
 
 def test_default_decoding(embedded: ModelHandle) -> None:
@@ -80,7 +59,7 @@ def test_demo_answer_at_the_chosen_coefficient_is_pirate_and_does_not_loop(
     result = evaluate_run(run, embedded, layers=[12], progress=False,
                           settings=EvalSettings(curve_questions=3, curve_max_new_tokens=40, bootstrap=100))
     chosen = next(p for p in result.curve if p.fraction == result.best_fraction)
-    assert chosen.fraction > 0 and chosen.coherent and chosen.margin_gain > 0, result.curve
+    assert chosen.fraction > 0 and chosen.kept and chosen.quality.trait.value > 0, result.curve
     vector = PersonaVector.load(run / "vectors" / "response_avg.safetensors", embedded)
     messages = [{"role": "user", "content": DEMO}]
     sampling = default_decoding(embedded, max_new_tokens=60)

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from personascope.evaluate.choice import bootstrap_auroc, split_by_question
-from personascope.evaluate.result import EvalSettings, Evaluation
+from personascope.evaluate.result import EvalSettings, Evaluation, Judgement
 from personascope.evaluate.search import WEAK_AUROC, evaluate_run, evaluate_vector
 from personascope.evaluate.separation import plain_chats, read_eval_rows, separation
 from personascope.inference.activations import encode, read_activations
 from personascope.inference.likelihood import likelihood_margin
 from personascope.io.files import write_json
 from personascope.io.records import RecordLog
-from personascope.judge.judges import COHERENCE_RUBRIC, make_judge
+from personascope.judge.judges import COHERENCE_RUBRIC, RELEVANCE_RUBRIC, make_judge
 from personascope.model import ModelHandle
 from personascope.traits import InstructionPair, TraitSpec, save_trait
 from personascope.vector import PersonaVector
@@ -152,19 +152,21 @@ def test_likelihood_margin_rises_with_steering_toward_the_trait(
     assert margins[0] < margins[1] < margins[2]
 
 
-def coefficient_judge(questions: list[str], trait: list[float], coherence: list[float]):
-    """A judge server that scores the k-th answer it sees to each question with `trait[k]` / `coherence[k]`
-    (the curve judges one answer per question per coefficient, coefficient by coefficient)."""
+def coefficient_judge(questions: list[str], scores: dict[str, list[float]]):
+    """A judge server that scores the k-th answer it sees to each question with `scores[kind][k]` (kind: trait,
+    coherence or relevance). The curve judges one answer per question per set: the prompted answers, the plain
+    ones, then the strengths from weakest to strongest, then the strength it adds."""
     seen: dict[tuple[str, str], int] = {}
     lock = threading.Lock()
 
     def handle(request: Request) -> Reply:
         prompt = request.prompt
-        kind = "coherence" if prompt.startswith(COHERENCE_RUBRIC[:40]) else "trait"
+        kind = ("coherence" if prompt.startswith(COHERENCE_RUBRIC[:40]) else
+                "relevance" if prompt.startswith(RELEVANCE_RUBRIC[:40]) else "trait")
         question = next(q for q in questions if q in prompt)
         with lock:
             k = seen[kind, question] = seen.get((kind, question), -1) + 1
-        score = (trait if kind == "trait" else coherence)[k]
+        score = scores[kind][k]
         return Reply(openai_reply(str(score), {str(score): 0.0}))
 
     return handle
@@ -172,25 +174,53 @@ def coefficient_judge(questions: list[str], trait: list[float], coherence: list[
 
 @pytest.fixture(scope="module")
 def judged(run_dir: Path, embedded: ModelHandle) -> Evaluation:
-    # fractions 0, 0.5, 1.5: the trait rises with the coefficient, coherence falls below 75 at the strongest
-    handler = coefficient_judge(list(SPEC.eval_questions), [10, 50, 90], [95, 80, 30])
+    # sets judged: prompted, plain, 0.5, 1.5, then 1.0 (halfway between the choice 0.5 and 1.5). The trait rises
+    # with the coefficient; coherence falls below 75 at 1.5; relevance falls below 0.8 of plain's at 1.0
+    handler = coefficient_judge(list(SPEC.eval_questions), {"trait": [80, 10, 50, 90, 70],
+                                                             "coherence": [90, 95, 80, 30, 85],
+                                                             "relevance": [60, 90, 85, 20, 50]})
     with pytest.MonkeyPatch.context() as env, Loopback(handler) as server:
         env.setenv("OPENAI_API_KEY", "sk-loopback")
         judge = make_judge("openai:judge", base_url=server.url + "/v1", max_retries=0)
         return evaluate_run(run_dir, embedded, judge=judge, layers=LAYERS, settings=FAST, progress=False)
 
 
-def test_judged_curve_picks_the_strongest_coherent_coefficient(judged: Evaluation, run_dir: Path) -> None:
+def test_judged_curve_picks_the_most_trait_that_stays_coherent_and_relevant(judged: Evaluation,
+                                                                           run_dir: Path) -> None:
     curve = judged.curve
-    assert [p.fraction for p in curve] == [0.0, *FAST.fractions]
-    assert [p.trait for p in curve] == pytest.approx([10, 50, 90])
-    assert [p.judge_coherence for p in curve] == pytest.approx([95, 80, 30])
-    assert all(p.judged == FAST.curve_questions and p.judge_failed == 0 for p in curve)
-    assert [p.coherent for p in curve][0] and not curve[2].coherent  # judged coherence 30 < MIN_COHERENCE
-    assert judged.coef_source == "judge"
+    assert [p.fraction for p in curve] == [0.0, 0.5, 1.0, 1.5]  # 1.0: refined between the first choice and 1.5
+    assert [p.judgement.trait for p in curve] == pytest.approx([10, 50, 70, 90])
+    assert [p.judgement.coherence for p in curve] == pytest.approx([95, 80, 85, 30])
+    assert [p.judgement.relevance for p in curve] == pytest.approx([90, 85, 50, 20])
+    assert all(p.judgement.judged == FAST.curve_questions and p.judgement.failed == 0 for p in curve)
+    assert [p.judge_kept for p in curve] == [True, True, False, False]  # 1.0 wanders off the question
+    assert judged.prompted_judgement == Judgement(80, 90, 60, FAST.curve_questions, 0)
+    assert judged.coef_source == "judge" and judged.choice.judge_fraction == 0.5
     assert (judged.best_coef, judged.best_fraction) == (pytest.approx(curve[1].coef), 0.5)
+    agreement = judged.choice.agreement
+    assert agreement is not None and agreement.same_choice == (judged.choice.balance_fraction == 0.5)
+    assert 0 < agreement.answers <= 2 * len(curve)
     assert Evaluation.load(run_dir / "eval.layers-3_12_20.json").best_coef == pytest.approx(judged.best_coef)
     assert not (run_dir / "eval.json").exists()  # chosen layers never overwrite the full sweep
+
+
+def test_steering_is_measured_beside_prompting(judged: Evaluation) -> None:
+    """Every strength has the three judge-free measures; the prompted answers are the trait's 1 and the plain
+    answers its 0; the comparison uses the report part's questions, at the chosen strength."""
+    plain = judged.curve[0].quality
+    assert (plain.trait.value, plain.relevance.value, plain.fluency_loss) == (0.0, 1.0, 0.0)
+    assert judged.prompted.trait.value == pytest.approx(1.0)
+    for p in judged.curve[1:]:
+        q = p.quality
+        assert q.relevance.value is not None and q.fluency is not None and q.trait.value is not None
+        assert q.trait.value == pytest.approx(min(q.vs_opposite, q.vs_role_play))
+        assert p.kept == (not p.failures)
+    c = judged.comparison
+    assert c.questions == [q for q in SPEC.eval_questions if q in judged.validation.report_questions]
+    assert c.plain.trait.value == 0.0 and c.prompted.trait.value == pytest.approx(1.0)
+    assert c.steered.trait.value is not None and c.steered.relevance.value is not None
+    example = judged.examples[0]
+    assert example.unsteered and example.steered and example.prompted
 
 
 def test_evaluation_records_layers_and_choice(judged: Evaluation, vector: PersonaVector) -> None:
@@ -204,7 +234,6 @@ def test_evaluation_records_layers_and_choice(judged: Evaluation, vector: Person
     assert judged.counts == {"eval_pos": 4, "eval_neg": 4, "margin_pos": 2, "margin_neg": 2, "curve_questions": 2,
                              "eval_empty_skipped": 1}
     assert len(judged.projections.pos) == 2 and len(judged.examples) == 1
-    assert judged.examples[0].unsteered and judged.examples[0].steered
 
 
 def test_layer_is_chosen_on_other_questions_than_those_reporting_auroc(judged: Evaluation) -> None:
@@ -268,11 +297,11 @@ def test_cli_evaluates_a_run_directory(run_dir: Path, tmp_path: Path) -> None:
     (run / "eval.json").write_text("{}")  # the full sweep's result stays as it is
     result = cli("evaluate", str(run), "--layers", "11-12", "-q")
     assert result.returncode == 0, result.stderr
-    for needle in ("AUROC", "margin gain", "best layer", "coherent", "95% CI"):
+    for needle in ("AUROC", "margin gain", "best layer", "relevance", "steering beside prompting", "95% CI"):
         assert needle in result.stdout
     evaluation = json.loads((run / "eval.layers-11-12.json").read_text())
     assert [e["layer"] for e in evaluation["layers"]] == [11, 12]
-    assert {"validation", "curve", "best_coef"} <= set(evaluation)
+    assert {"validation", "curve", "best_coef", "prompted", "choice", "comparison"} <= set(evaluation)
     assert (run / "report.layers-11-12.html").exists() and (run / "eval.json").read_text() == "{}"
 
 

@@ -183,7 +183,7 @@ def test_judged_extraction_filters_pairs(trait_file, embedded, tmp_path, monkeyp
         assert result.summary["kept_pairs"] == 4 and result.summary["rejected_pairs"] == 2
         meta = PersonaVector.load(out / "vectors" / "response_avg.safetensors").metadata
         assert (meta["n_pos"], meta["n_neg"], meta["judge"], meta["filtered"]) == ("4", "4", "openai:loopback", "true")
-        assert result.evaluation.judge == "openai:loopback" and result.evaluation.curve[0].judged == 2
+        assert result.evaluation.judge == "openai:loopback" and result.evaluation.curve[0].judgement.judged == 2
         assert (out / "judge_cache.sqlite").exists()
 
         hits = server.hits()

@@ -38,9 +38,11 @@ def test_report_is_self_contained(run: Path) -> None:
     assert "http://" not in html and "https://" not in html
     assert not re.search(r"""(src|href)=["'](?!data:)""", html)  # nothing loaded from elsewhere
     images = re.findall(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
-    assert len(images) == 5  # AUROC, margin gain, histogram, likelihood sweep, coherence (and judged) curve
+    assert len(images) == 7  # AUROC, margin gain, histogram, likelihood sweep; trait, relevance, fluency curves
     for needle in ("Persona vector: pirate", "best layer", "Run configuration", "margin gain", "Honest validation",
-                   "95% bootstrap interval", "distinct-2", "looping answers", "judged coherence"):
+                   "95% bootstrap interval", "distinct-2", "looping", "judged coherence", "judged relevance",
+                   "Steering beside prompting", "trait expression", "relevance (95% CI)", "fluency loss", "prompted",
+                   "Spearman"):
         assert needle in html
 
 

@@ -88,16 +88,29 @@ def test_alert_threshold_rules() -> None:
 
 
 def test_extraction_writes_the_held_out_midpoint() -> None:
-    from personascope.evaluate.result import Baseline, EvalSettings, Evaluation, LayerEval, Projections, Validation
+    from personascope.evaluate.result import (
+        Baseline,
+        Choice,
+        Comparison,
+        Estimate,
+        EvalSettings,
+        Evaluation,
+        LayerEval,
+        Projections,
+        Quality,
+        Validation,
+    )
 
     def layer(index: int, auroc: float) -> LayerEval:
         return LayerEval(index, auroc, None, 0.1, 0.5, 1.0, 10.0, 2.0, True)
 
     validation = Validation("question", 0, ["q1"], ["q2"], 4, 4, None, None, None, 0)
+    quality = Quality(Estimate(None), None, None, Estimate(None), None, None, 1.0, 1.0, 0, 1, 0)
     evaluation = Evaluation(
         trait="t", model="m", judge="none", best_layer=3, best_coef=1.0, best_fraction=0.5, coef_source="margin",
         rule="", notes=[], validation=validation, baseline=Baseline(0.0, 0.0, 0.0), layers=[layer(2, 0.7), layer(3, 0.95)],
-        curve=[], projections=Projections(3, [4.0, 6.0], [0.0, 2.0]), examples=[], counts={}, settings=EvalSettings(),
+        curve=[], prompted=quality, choice=Choice(None), comparison=Comparison([], quality, quality, quality),
+        projections=Projections(3, [4.0, 6.0], [0.0, 2.0]), examples=[], counts={}, settings=EvalSettings(),
         timings={})
     assert alert_metadata(evaluation) == {"alert_threshold": "3", "auroc": "0.9500"}
     reported = dataclasses.replace(evaluation, validation=dataclasses.replace(validation, auroc=0.8))

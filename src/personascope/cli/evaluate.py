@@ -22,7 +22,7 @@ from personascope.cli.options import (
 from personascope.errors import PersonascopeError
 
 if TYPE_CHECKING:
-    from personascope.evaluate.result import Evaluation
+    from personascope.evaluate.result import Estimate, Evaluation, Quality
 
 
 @app.command()
@@ -41,8 +41,9 @@ def evaluate(
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
-    """Re-run validation: held-out AUROC and likelihood-margin gain per layer, the coherence curve at the best
-    layer (judged too with --judge), then the best layer and coefficient. For a run directory this rewrites
+    """Re-run validation: held-out AUROC and likelihood-margin gain per layer, then the steering curve at the best
+    layer (trait expression, relevance and fluency of steered answers beside prompted ones; judged too with
+    --judge), the best layer and coefficient, and steering beside prompting on other held-out questions. For a run directory this rewrites
     eval.json, report.html and the best layer/coefficient in vector.safetensors; with --layers it writes
     eval.layers-TAG.json and report.layers-TAG.html beside them instead (e.g. eval.layers-6-14.json) and
     leaves the run's choice alone."""
@@ -110,23 +111,55 @@ def _print(result: Evaluation, report: Path | None) -> None:
         table.add_row(f"{entry.layer}{mark}", f"{entry.auroc:.3f}", "-" if held is None else f"{held:.3f}",
                       "-" if gain is None else f"{gain:+.3f}", f"{entry.coef:.3g}")
     console.print(table)
-    curve = Table("fraction", "coef", "margin gain", "distinct-2", "looping", "log-lik drop", "coherent",
-                  title=f"steering curve at layer {result.best_layer}")
+    curve = Table("fraction", "coef", "trait (95% CI)", "relevance (95% CI)", "fluency loss", "distinct-2",
+                  "looping", "kept", *(("judged trait", "judged relevance") if result.judge != "none" else ()),
+                  title=f"steering curve at layer {result.best_layer} (prompted: trait 1, relevance "
+                        f"{_estimate(result.prompted.relevance)})")
     for p in result.curve:
-        curve.add_row(f"{p.fraction:g}", f"{p.coef:.3g}", f"{p.margin_gain:+.3f}", f"{p.distinct_2:.2f}",
-                      str(p.loop_answers), f"{p.loglik_drop:+.2f}", "yes" if p.coherent else "no")
+        judged = () if result.judge == "none" else (
+            (_number(p.judgement.trait, ".0f"), _number(p.judgement.relevance, ".0f")) if p.judgement else ("-", "-"))
+        curve.add_row(f"{p.fraction:g}", f"{p.coef:.3g}", *_quality_cells(p.quality),
+                      "yes" if p.kept else f"no: {'; '.join(p.failures)}", *judged)
     console.print(curve)
+    if result.prompted_judgement is not None:
+        j = result.prompted_judgement
+        console.print(f"prompted answers, judged: trait {_number(j.trait, '.0f')}, coherence "
+                      f"{_number(j.coherence, '.0f')}, relevance {_number(j.relevance, '.0f')}")
+    c = result.comparison
+    side = Table("answers", "trait (95% CI)", "relevance (95% CI)", "fluency loss", "distinct-2", "looping",
+                 title=f"steering beside prompting on {len(c.questions)} other held-out questions")
+    for name, quality in (("plain", c.plain), ("steered", c.steered), ("prompted", c.prompted)):
+        side.add_row(name, *_quality_cells(quality))
+    console.print(side)
     v = result.validation
     interval = "" if v.auroc_low is None else f", 95% CI {v.auroc_low:.3f}-{v.auroc_high:.3f}"
     console.print(f"best layer [bold]{result.best_layer}[/] (chosen on {v.select_rows} rows), held-out AUROC "
                   f"[bold]{_number(v.auroc)}[/] on {v.report_rows} other rows{interval}")
     console.print(f"best coef [bold]{result.best_coef:.4g}[/] ({result.best_fraction:g} of the residual norm, "
                   f"chosen by {result.coef_source})")
+    agreement = result.choice.agreement
+    if agreement is not None:
+        same = "the same" if agreement.same_choice else "they differ"
+        console.print(f"judge-free choice {_number(result.choice.balance_fraction, 'g')}, judged choice "
+                      f"{_number(result.choice.judge_fraction, 'g')} ({same}); Spearman over {agreement.answers} "
+                      f"answers: trait {_number(agreement.trait_spearman)}, relevance "
+                      f"{_number(agreement.relevance_spearman)}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if report is not None:
         console.print(f"report: {report}")
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _number(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _estimate(estimate: Estimate) -> str:
+    if estimate.value is None:
+        return "-"
+    return f"{estimate.value:.2f}" + ("" if estimate.low is None else f" ({estimate.low:.2f}..{estimate.high:.2f})")
+
+
+def _quality_cells(quality: Quality) -> tuple[str, ...]:
+    return (_estimate(quality.trait), _estimate(quality.relevance), _number(quality.fluency_loss, "+.2f"),
+            f"{quality.distinct_2:.2f}", str(quality.loop_answers))

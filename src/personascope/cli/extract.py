@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from rich.table import Table
 from personascope.cli import app, console
 from personascope.cli.options import DeviceMapOption, DeviceOption, DtypeOption, Placement
 from personascope.extract.pipeline import ExtractConfig
+
+if TYPE_CHECKING:
+    from personascope.evaluate.result import Evaluation
 
 _D = {f.name: f.default for f in fields(ExtractConfig)}
 
@@ -81,6 +84,7 @@ def extract(
         ("margin gain", _number(result.best_layer_stats().margin_gain)),
         ("best coef", f"{evaluation.best_coef:.3f} ({evaluation.best_fraction:g} of the residual norm, "
                       f"chosen by {evaluation.coef_source})"),
+        ("steered vs prompted", _versus(evaluation)),
         ("vector", str(result.vector)),
         ("report", str(result.report)),
     ]
@@ -91,6 +95,18 @@ def extract(
     for note in evaluation.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"[dim]steer with: personascope generate \"...\" --model {model} --vector {result.vector}[/]")
+
+
+def _versus(evaluation: Evaluation) -> str:
+    """Steering at the chosen strength beside prompting, on held-out questions that chose nothing."""
+    c = evaluation.comparison
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return (f"trait expression {number(c.steered.trait.value)} vs 1 (prompted); relevance "
+            f"{number(c.steered.relevance.value)} vs {number(c.prompted.relevance.value)} (plain 1); "
+            f"{c.steered.loop_answers} looping")
 
 
 def _judge_line(retries: int, failed: dict[str, str]) -> str:

@@ -1,5 +1,5 @@
 """Honest choices: held-out rows split by question into a part that chooses and a part that reports (with a
-bootstrap interval), the layers to measure, and the rule that picks the steering strength."""
+bootstrap interval), the layers to measure, and the rules that pick the steering strength."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import takewhile
 from typing import Any
 
 import numpy as np
@@ -79,18 +78,19 @@ def margin_grid(candidates: list[int], aurocs: dict[int, float], default: bool, 
     return sorted({*candidates[::stride], max(candidates, key=aurocs.__getitem__)}), stride > 1
 
 
-def choose_strength(curve: Sequence[CurvePoint], judged: bool) -> CurvePoint | None:
-    """The steering strength to recommend, from a curve that starts with the unsteered point (fraction 0).
+def choose_by_balance(curve: Sequence[CurvePoint]) -> CurvePoint | None:
+    """The judge-free choice, from a curve that starts with the unsteered point: among the strengths that keep
+    every floor of `evaluate.quality`, the one with the highest trait expression above 0 (ties to the weaker).
+    None when no strength qualifies."""
+    kept = [p for p in curve[1:] if p.kept and (p.quality.trait.value or 0.0) > 0]
+    return max(kept, key=lambda p: (p.quality.trait.value, -p.fraction)) if kept else None
 
-    Only strengths that are coherent, together with every weaker one, compete. Without a judge: the strongest of
-    them whose likelihood margin gain stays positive. With one: the highest judged trait score above the
-    unsteered answers' (ties to the weaker). None when no strength qualifies.
-    """
-    plain, steered = curve[0], sorted(curve[1:], key=lambda p: p.fraction)
-    kept = list(takewhile(lambda p: p.coherent, steered))
-    if judged:
-        base = plain.trait if plain.trait is not None else -math.inf
-        scored = [p for p in kept if p.trait is not None and p.trait > base]
-        return max(scored, key=lambda p: (p.trait, -p.fraction)) if scored else None
-    raising = [p for p in kept if p.margin_gain > 0]
-    return raising[-1] if raising else None
+
+def choose_by_judge(curve: Sequence[CurvePoint]) -> CurvePoint | None:
+    """The judged choice: among the strengths whose judged coherence and relevance keep their floors
+    (`judge_kept`), the highest judged trait score above the unsteered answers' (ties to the weaker)."""
+    plain = curve[0].judgement
+    base = plain.trait if plain is not None and plain.trait is not None else -math.inf
+    kept = [p for p in curve[1:] if p.judge_kept and p.judgement is not None and p.judgement.trait is not None
+            and p.judgement.trait > base]
+    return max(kept, key=lambda p: (p.judgement.trait, -p.fraction)) if kept else None  # type: ignore[union-attr]

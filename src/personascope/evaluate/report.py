@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from personascope.errors import PersonascopeError
-from personascope.evaluate.result import Evaluation, Projections
+from personascope.evaluate.quality import MAX_FLUENCY_LOSS, MIN_RELEVANCE
+from personascope.evaluate.result import CurvePoint, Estimate, Evaluation, Projections, Quality
 from personascope.io.files import write_text
 
 _STYLE = """
@@ -80,7 +81,7 @@ def _sweep(evaluation: Evaluation) -> Any:
         curve = evaluation.curve
         xs = [p.fraction for p in curve]
         for key, label in (("margin_gain", "margin gain"), ("pos_gain", "pos log-lik gain"),
-                           ("neg_gain", "neg log-lik gain"), ("loglik_drop", "unsteered log-lik drop")):
+                           ("neg_gain", "neg log-lik gain")):
             ax.plot(xs, [getattr(p, key) for p in curve], marker="o", label=label)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(evaluation.best_fraction, color="tab:red", ls="--", lw=1, label="chosen")
@@ -92,28 +93,67 @@ def _sweep(evaluation: Evaluation) -> Any:
     return draw
 
 
-def _coherence(evaluation: Evaluation) -> Any:
+_MEASURES = {
+    "trait": ("trait expression (0 plain, 1 prompted)", "trait", None),
+    "relevance": ("relevance (share of plain)", "relevance", MIN_RELEVANCE),
+    "fluency": ("fluency loss (nats/token, lower is better)", "coherence", MAX_FLUENCY_LOSS),
+}
+
+
+def _measure(evaluation: Evaluation, name: str) -> Any:
+    """One judge-free measure of the steered answers against the strength, with its interval, the prompted
+    answers' level as a line, its floor, and the judge's matching score / 100 when there is one."""
+    label, judged_key, floor = _MEASURES[name]
+
+    def value(quality: Quality) -> tuple[float | None, float | None, float | None]:
+        if name == "fluency":
+            return quality.fluency_loss, None, None
+        estimate = getattr(quality, name)
+        return estimate.value, estimate.low, estimate.high
+
     def draw(ax: Any) -> None:
-        curve = evaluation.curve
+        curve = [p for p in evaluation.curve if value(p.quality)[0] is not None]
         xs = [p.fraction for p in curve]
-        ax.plot(xs, [p.distinct_2 for p in curve], marker="o", label="distinct-2")
-        ax.plot(xs, [p.distinct_3 for p in curve], marker="o", label="distinct-3")
-        ax.plot(xs, [p.loop_answers / max(1, evaluation.counts.get("curve_questions", 1)) for p in curve],
-                marker="s", label="share of answers that loop")
-        if any(p.judge_coherence is not None for p in curve):
-            ax.plot(xs, [None if p.trait is None else p.trait / 100 for p in curve], marker="^",
-                    label="judged trait / 100")
-            ax.plot(xs, [None if p.judge_coherence is None else p.judge_coherence / 100 for p in curve],
-                    marker="v", label="judged coherence / 100")
-        failed = [p.fraction for p in curve if not p.coherent]
-        ax.plot(failed, [0.02] * len(failed), "x", color="tab:red", ms=9, label="not coherent")
+        values = [value(p.quality) for p in curve]
+        ax.plot(xs, [v[0] for v in values], marker="o", label="steered")
+        bands = [(x, v) for x, v in zip(xs, values) if v[1] is not None]
+        if bands:
+            ax.fill_between([x for x, _ in bands], [v[1] for _, v in bands], [v[2] for _, v in bands], alpha=0.2,
+                            label="95% interval")
+        prompted = value(evaluation.prompted)[0]
+        if prompted is not None:
+            ax.axhline(prompted, color="tab:green", lw=1.2, label="prompted")
+        if floor is not None:
+            ax.axhline(floor, color="grey", ls=":", lw=1, label="floor")
+        judged = [(p.fraction, getattr(p.judgement, judged_key) / 100) for p in evaluation.curve
+                  if p.judgement is not None and getattr(p.judgement, judged_key) is not None]
+        if judged:
+            ax.plot([j[0] for j in judged], [j[1] for j in judged], marker="^", ls="--",
+                    label=f"judged {judged_key} / 100")
+        broken = [(p.fraction, value(p.quality)[0]) for p in curve if not p.kept]
+        ax.plot([b[0] for b in broken], [b[1] for b in broken], "x", color="tab:red", ms=9, label="breaks a floor")
         ax.axvline(evaluation.best_fraction, color="tab:red", ls="--", lw=1, label="chosen")
-        ax.set_ylim(0, 1.05)
         ax.set_xlabel("steering strength (fraction of the residual norm)")
-        ax.set_title("Coherence of steered answers")
+        ax.set_title(label)
         ax.legend(fontsize=7)
 
     return draw
+
+
+def _estimate(estimate: Estimate) -> str:
+    if estimate.value is None:
+        return "—"
+    interval = "" if estimate.low is None else f" ({estimate.low:.2f} to {estimate.high:.2f})"
+    return f"{estimate.value:.2f}{interval}"
+
+
+def _quality_row(name: str, quality: Quality) -> tuple[Any, ...]:
+    return (name, _estimate(quality.trait), quality.vs_opposite, quality.vs_role_play, _estimate(quality.relevance),
+            quality.fluency_loss, quality.distinct_2, quality.loop_answers, quality.empty)
+
+
+_QUALITY_HEAD = ("answers", "trait expression (95% CI)", "vs opposite prompts", "vs role-play prompts",
+                 "relevance (95% CI)", "fluency loss", "distinct-2", "looping", "empty")
 
 
 def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...] | None = None, cls: str = "") -> str:
@@ -168,18 +208,28 @@ def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, 
                                    f"margin gain at {evaluation.layers[0].fraction:g}·norm")),
              _figure_png(_histogram(evaluation.projections)),
              _figure_png(_sweep(evaluation)),
-             _figure_png(_coherence(evaluation))]
+             *(_figure_png(_measure(evaluation, name)) for name in _MEASURES)]
+    c = evaluation.comparison
+    parts += ["<h2>Steering beside prompting</h2>",
+              f"<p>{len(c.questions)} held-out questions that chose neither the layer nor the strength, answered "
+              f"plainly, steered at layer {best} with coef {evaluation.best_coef:.4g}, and under the trait's "
+              "positive system prompts (trait expression is 0 for plain and 1 for prompted answers by "
+              "definition).</p>",
+              _table([_quality_row(name, quality) for name, quality in
+                      (("plain", c.plain), ("steered", c.steered), ("prompted", c.prompted))], _QUALITY_HEAD),
+              _choice_table(evaluation)]
     parts += ["<h2>Validation</h2>", '<div class="grid">', *plots, "</div>",
               "<h3>Steering curve at the best layer</h3>",
-              _table([(p.fraction, p.coef, p.margin_gain, p.distinct_2, p.distinct_3, p.loop_answers,
-                       p.longest_loop, p.loglik_drop, p.trait, p.judge_coherence, "yes" if p.coherent else "no")
-                      for p in evaluation.curve],
-                     ("fraction", "coef", "margin gain", "distinct-2", "distinct-3", "looping answers",
-                      "longest loop", "log-lik drop", "judged trait", "judged coherence", "coherent"))]
-    parts += [f"<h2>Examples (default decoding, no system prompt; steered at layer {best}, "
-              f"coef {evaluation.best_coef:.4g})</h2>",
-              _table([(e.question, e.unsteered, e.steered) for e in evaluation.examples],
-                     ("question", "unsteered", "steered"), cls="answer"),
+              _table([(p.fraction, p.coef, p.margin_gain, *_quality_row("", p.quality)[1:], "yes" if p.kept else "no",
+                       "; ".join(p.failures), *_judged(p)) for p in evaluation.curve],
+                     ("fraction", "coef", "margin gain", *_QUALITY_HEAD[1:], "kept", "floors broken",
+                      "judged trait", "judged coherence", "judged relevance")),
+              "<p>The prompted answers to the same questions:</p>",
+              _table([_quality_row("prompted", evaluation.prompted)], _QUALITY_HEAD)]
+    parts += [f"<h2>Examples (default decoding; steered at layer {best}, coef {evaluation.best_coef:.4g}; "
+              "prompted: under one of the trait's positive system prompts)</h2>",
+              _table([(e.question, e.unsteered, e.steered, e.prompted) for e in evaluation.examples],
+                     ("question", "plain", "steered", "prompted"), cls="answer"),
               "<h2>Layers</h2>",
               _table([(e.layer, e.auroc, e.report_auroc, e.margin_gain, e.coef, e.residual_norm, e.vector_norm)
                       for e in evaluation.layers],
@@ -194,6 +244,22 @@ def render_report(evaluation: Evaluation, config: dict[str, Any] | None = None, 
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{escape(trait)} persona vector</title><style>{_STYLE}</style></head>\n<body>\n{body}\n"
             "</body></html>\n")
+
+
+def _judged(point: CurvePoint) -> tuple[Any, ...]:
+    j = point.judgement
+    return (None, None, None) if j is None else (j.trait, j.coherence, j.relevance)
+
+
+def _choice_table(evaluation: Evaluation) -> str:
+    choice, rows = evaluation.choice, []
+    rows.append(("judge-free choice (fraction of the residual norm)", choice.balance_fraction))
+    if choice.agreement is not None:
+        a = choice.agreement
+        rows += [("judged choice (fraction of the residual norm)", choice.judge_fraction), ("same strength", "yes" if a.same_choice else "no"),
+                 (f"Spearman, judged trait vs trait expression ({a.answers} answers)", a.trait_spearman),
+                 ("Spearman, judged relevance vs relevance", a.relevance_spearman)]
+    return _table(rows, ("choice", "value"))
 
 
 def report_path(eval_path: Path) -> Path:

@@ -23,21 +23,24 @@ class EvalSettings:
         fraction: the fraction of the residual norm at which every candidate layer's margin gain is measured.
         fractions: steering strengths (fractions of the residual norm) on the chosen layer's curve.
         grid_size: about how many layers get a margin measurement before refining around the best.
-        curve_questions: held-out questions answered (no system prompt, `default_decoding`) at each strength.
+        curve_questions: held-out questions answered (`default_decoding`) plainly, under the trait's positive
+            system prompts and at each strength, from the part that chose the layer; as many from the report part
+            compare steering at the chosen strength with prompting.
         curve_max_new_tokens: tokens per answer on the curve.
-        examples: curve questions shown in the report with their unsteered and chosen-strength answers.
+        examples: curve questions shown in the report with their plain, chosen-strength and prompted answers.
         token_budget: padded tokens per teacher-forced batch (logits are kept only for response positions).
         split_seed: seed of the split of the held-out questions into a selection and a report part.
-        bootstrap: resamples of the report part's rows for the AUROC interval.
+        bootstrap: resamples of the report part's rows for the AUROC interval, and of the questions for the
+            intervals of trait expression and relevance.
         engine: what generates the curve's answers: `hf` or `vllm` (steered on vLLM's workers).
     """
 
     margin_pairs: int = 8
     margin_tokens: int = 48
     fraction: float = 0.5
-    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75)
     grid_size: int = 10
-    curve_questions: int = 5
+    curve_questions: int = 10
     curve_max_new_tokens: int = 48
     examples: int = 3
     token_budget: int = 2048
@@ -62,14 +65,60 @@ class LayerEval:
 
 
 @dataclass(frozen=True)
-class CurvePoint:
-    """One steering strength at the chosen layer: trait measures and coherence of steered answers.
+class Estimate:
+    """A mean over questions with its 95% bootstrap interval over them (None where it cannot be measured)."""
 
-    `margin_gain`, `pos_gain`, `neg_gain`: nats per token, teacher-forced, against no steering.
-    `distinct_2`, `distinct_3`: distinct word bigrams/trigrams over all, mean over answers. `loop_answers`: answers
-    with a word n-gram repeated `LOOP_REPEATS` times in a row; `longest_loop`: the most consecutive repeats seen.
-    `loglik`: the unsteered model's mean per-token log-likelihood of the steered answers; `loglik_drop`: how much
-    lower it is than for the unsteered answers. `trait`, `judge_coherence`: judge means (None without a judge).
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Judge-free measures of one set of answers to held-out questions (`evaluate.quality` computes them).
+
+    `trait`: trait expression, 0 = the plain answers (no system prompt), 1 = the answers given under the trait's
+    positive system prompts: the smaller of `vs_opposite` (log-likelihood under the positive minus the negative
+    system prompts) and `vs_role_play` (positive prompts minus unrelated role-play prompts), each calibrated so.
+    `relevance`: log-likelihood given the answer's own question minus given other questions, as a share of the
+    plain answers'. `fluency`: mean per-token log-likelihood under the trait's positive system prompts;
+    `fluency_loss`: how much lower it is than the plain answers'. `distinct_2`, `distinct_3`: distinct word
+    bigrams/trigrams over all, mean over answers; `loop_answers`: answers with a word n-gram repeated
+    `LOOP_REPEATS` times in a row; `longest_loop`: the most consecutive repeats; `empty`: empty answers.
+    """
+
+    trait: Estimate
+    vs_opposite: float | None
+    vs_role_play: float | None
+    relevance: Estimate
+    fluency: float | None
+    fluency_loss: float | None
+    distinct_2: float
+    distinct_3: float
+    loop_answers: int
+    longest_loop: int
+    empty: int
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's mean trait, coherence and relevance scores (0-100) of a set of answers; how many were scored
+    and how many requests failed."""
+
+    trait: float | None
+    coherence: float | None
+    relevance: float | None
+    judged: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One steering strength at the chosen layer.
+
+    `margin_gain`, `pos_gain`, `neg_gain`: nats per token, teacher-forced, against no steering. `quality`: the
+    answers' trait expression, relevance and fluency; `kept`: whether it stays within every floor (`failures`
+    names those it broke); `judgement`, `judge_kept`: the same by a judge (None without one).
     """
 
     fraction: float
@@ -77,17 +126,43 @@ class CurvePoint:
     margin_gain: float
     pos_gain: float
     neg_gain: float
-    distinct_2: float
-    distinct_3: float
-    loop_answers: int
-    longest_loop: int
-    loglik: float
-    loglik_drop: float
-    coherent: bool
-    trait: float | None = None
-    judge_coherence: float | None = None
-    judged: int = 0
-    judge_failed: int = 0
+    quality: Quality
+    kept: bool
+    failures: list[str]
+    judgement: Judgement | None = None
+    judge_kept: bool | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Steering at the chosen strength beside prompting, on the report part's questions (not those that chose):
+    `plain` (no system prompt), `steered`, `prompted` (the trait's positive system prompts)."""
+
+    questions: list[str]
+    plain: Quality
+    steered: Quality
+    prompted: Quality
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How the judge-free and the judged choices agree: the same strength or not, and Spearman correlations over
+    the curve's answers between judged trait and trait expression, and judged relevance and relevance."""
+
+    same_choice: bool
+    trait_spearman: float | None
+    relevance_spearman: float | None
+    answers: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The strength each rule picked (None: none qualified): judge-free by `evaluate.quality`'s floors, and by a
+    judge's scores when there is one; `agreement` between them (with a judge)."""
+
+    balance_fraction: float | None
+    judge_fraction: float | None = None
+    agreement: Agreement | None = None
 
 
 @dataclass(frozen=True)
@@ -126,11 +201,13 @@ class Projections:
 
 @dataclass(frozen=True)
 class Example:
-    """A held-out question answered greedily without and with steering at the chosen layer and coefficient."""
+    """A held-out question answered without steering, with steering at the chosen layer and coefficient, and
+    under one of the trait's positive system prompts."""
 
     question: str
     unsteered: str
     steered: str
+    prompted: str
 
 
 @dataclass
@@ -150,11 +227,15 @@ class Evaluation:
     baseline: Baseline
     layers: list[LayerEval]
     curve: list[CurvePoint]
+    prompted: Quality
+    choice: Choice
+    comparison: Comparison
     projections: Projections
     examples: list[Example]
     counts: dict[str, int]
     settings: EvalSettings
     timings: dict[str, float]
+    prompted_judgement: Judgement | None = None
     vector: str | None = None
 
     def layer(self, layer: int) -> LayerEval | None:

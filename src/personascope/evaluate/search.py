@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from personascope.errors import PersonascopeError
-from personascope.evaluate.choice import bootstrap_auroc, choose_strength, margin_grid, split_by_question
-from personascope.evaluate.coherence import MAX_LOGLIK_DROP, MIN_DISTINCT_RATIO, coherent, plain_loglik, repetition
-from personascope.evaluate.result import (
-    Baseline,
-    CurvePoint,
-    EvalSettings,
-    Evaluation,
-    Example,
-    LayerEval,
-    Projections,
-    Validation,
+from personascope.evaluate.choice import (
+    bootstrap_auroc,
+    choose_by_balance,
+    choose_by_judge,
+    margin_grid,
+    split_by_question,
 )
-from personascope.evaluate.separation import (
-    auroc,
-    eval_labels,
-    plain_chats,
-    read_eval_rows,
-    scan_projections,
-    spread,
-)
-from personascope.evaluate.steering import MIN_COHERENCE, judge_answers, steered_answers
+from personascope.evaluate.curve import SteeringCurve, compare_with_prompting
+from personascope.evaluate.margin import MarginSweep
+from personascope.evaluate.quality import MIN_GAP, floors_text, judge_floors_text
+from personascope.evaluate.result import Choice, EvalSettings, Evaluation, Example, LayerEval, Projections, Validation
+from personascope.evaluate.separation import auroc, eval_labels, plain_chats, read_eval_rows, scan_projections, spread
 from personascope.inference.activations import EncodedChat
 from personascope.inference.engines import generate_with
-from personascope.inference.generate import SamplingConfig, default_decoding
-from personascope.inference.likelihood import response_loglik
+from personascope.inference.generate import SamplingConfig
 from personascope.io.files import write_json
 from personascope.io.layers import check_layer
 from personascope.io.progress import progress_bar
@@ -48,59 +36,6 @@ AUROC_TOLERANCE = 0.05
 """Layers whose AUROC is within this of the best compete on margin gain."""
 WEAK_AUROC = 0.6
 """Below this held-out AUROC at every layer, the evaluation warns that the vector hardly tracks the trait."""
-
-
-class _MarginSweep:
-    """Margin gains at chosen layers and fractions of the residual norm, against one unsteered baseline."""
-
-    def __init__(self, handle: ModelHandle, vector: PersonaVector, pos: list[EncodedChat],
-                 neg: list[EncodedChat], norms: dict[int, float], settings: EvalSettings,
-                 advance: Callable[[int], None]) -> None:
-        self.handle, self.vector, self.norms, self.settings = handle, vector, norms, settings
-        self.chats, self.split, self.advance = [*pos, *neg], len(pos), advance
-        self.results: dict[int, dict[float, tuple[float, float, float]]] = {}  # (margin, pos, neg) gains
-        first = next(iter(norms))
-        self.baseline = self._means(self._loglik(first, [0.0])[0])
-
-    def _loglik(self, layer: int, coefs: list[float]) -> Tensor:
-        return response_loglik(self.handle, self.vector, layer, coefs, self.chats,
-                               token_budget=self.settings.token_budget, advance=self.advance)
-
-    def _means(self, ll: Tensor) -> Baseline:
-        pos, neg = float(ll[: self.split].mean()), float(ll[self.split:].mean())
-        return Baseline(pos, neg, pos - neg)
-
-    def coef(self, layer: int, fraction: float) -> float:
-        return fraction * self.norms[layer] / float(self.vector.directions[layer].norm())
-
-    def measure(self, layer: int, fractions: Sequence[float]) -> None:
-        todo = [f for f in fractions if f not in self.results.get(layer, {})]
-        if not todo:
-            return
-        ll = self._loglik(layer, [self.coef(layer, f) for f in todo])
-        for k, fraction in enumerate(todo):
-            m, b = self._means(ll[k]), self.baseline
-            self.results.setdefault(layer, {})[fraction] = (m.margin - b.margin, m.pos_ll - b.pos_ll,
-                                                            m.neg_ll - b.neg_ll)
-
-    def gain(self, layer: int) -> float | None:
-        entry = self.results.get(layer, {}).get(self.settings.fraction)
-        return None if entry is None else entry[0]
-
-    def search(self, grid: Sequence[int], eligible: Sequence[int], refine: bool) -> int:
-        """Measure `grid` (then the neighbours of its best when `refine`); the eligible layer with the top gain."""
-        for layer in grid:
-            self.measure(layer, [self.settings.fraction])
-        best = max((l for l in eligible if self.gain(l) is not None), key=lambda l: self.gain(l) or 0.0)
-        if not refine:
-            return best
-        for layer in (best - 1, best + 1):
-            if layer in eligible:
-                self.measure(layer, [self.settings.fraction])
-        return max((l for l in eligible if self.gain(l) is not None), key=lambda l: self.gain(l) or 0.0)
-
-
-# -- the whole evaluation -----------------------------------------------------------------------------------
 
 
 def _candidate_layers(handle: ModelHandle, vector: PersonaVector, layers: Sequence[int] | None) -> list[int]:
@@ -125,32 +60,6 @@ def _margin_chats(
     pos = spread([c for c, y in zip(short, labels) if y], settings.margin_pairs)
     neg = spread([c for c, y in zip(short, labels) if not y], settings.margin_pairs)
     return pos, neg
-
-
-def _curve(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, judge: Judge | None, layer: int,
-           sweep: _MarginSweep, questions: list[str], settings: EvalSettings, progress: bool
-           ) -> tuple[list[CurvePoint], list[list[str]]]:
-    """Answers to `questions` unsteered and at each strength, decoded as `personascope generate` decodes by default,
-    with their trait and coherence measures."""
-    fractions = [0.0, *sorted(settings.fractions)]
-    decoding = default_decoding(handle, max_new_tokens=settings.curve_max_new_tokens)  # as `generate` answers
-    answers = [steered_answers(handle, questions, vector=vector, layer=layer, coef=sweep.coef(layer, f),
-                               sampling=decoding, engine=settings.engine, progress=progress) for f in fractions]
-    plain = repetition(answers[0])
-    plain_ll = plain_loglik(handle, questions, answers[0], token_budget=settings.token_budget)
-    points = []
-    for fraction, texts in zip(fractions, answers):
-        gains = sweep.results[layer].get(fraction, (0.0, 0.0, 0.0))
-        measured = repetition(texts)
-        ll = plain_ll if fraction == 0 else plain_loglik(handle, questions, texts, token_budget=settings.token_budget)
-        judged = judge_answers(judge, trait, questions, texts, progress=progress) if judge is not None else None
-        ok = coherent(measured, plain_ll - ll, plain) and (judged is None or judged.keeps_coherence())
-        points.append(CurvePoint(
-            fraction, sweep.coef(layer, fraction), *gains, measured.distinct_2, measured.distinct_3,
-            measured.loop_answers, measured.longest_loop, ll, plain_ll - ll, ok,
-            *((judged.trait, judged.coherence, judged.scored, judged.failed) if judged else ()),
-        ))
-    return points, answers
 
 
 def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows: Sequence[dict[str, Any]], *,
@@ -182,7 +91,7 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
     grid, refine = margin_grid(candidates, aurocs, layers is None, settings.grid_size)
     total = (1 + len(grid) + 2 * refine + len(settings.fractions)) * (len(pos) + len(neg))
     with progress_bar(total, "Likelihood margin", enabled=progress) as bar:
-        sweep = _MarginSweep(handle, vector, pos, neg, norms, settings, lambda n: bar.advance(0, n))
+        sweep = MarginSweep(handle, vector, pos, neg, norms, settings, lambda n: bar.advance(0, n))
         best = sweep.search(grid, eligible, refine)
         sweep.measure(best, settings.fractions)
         bar.update(0, completed=total)
@@ -196,47 +105,65 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
                      "or a larger model may help")
     lap("margin_s")
 
-    chosen_questions = set(split.select_questions)
+    chosen_questions, reporting = set(split.select_questions), set(split.report_questions)
     questions = [q for q in trait.eval_questions if q in chosen_questions] or list(trait.eval_questions)
     questions = questions[: settings.curve_questions]
-    curve, answers = _curve(handle, vector, trait, judge, best, sweep, questions, settings, progress)
-    pick = choose_strength(curve, judge is not None)
+    curve = SteeringCurve(handle, vector, trait, judge, best, sweep, questions, settings, progress)
+    curve.refine()
+    balance = choose_by_balance(curve.points)
+    judged = choose_by_judge(curve.points) if judge is not None else None
+    pick = judged if judge is not None else balance
     if pick is None:
-        pick = curve[1]
-        notes.append(f"no steering strength at layer {best} kept the answers coherent with a trait gain; "
-                     f"recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
+        pick = curve.points[1]
+        notes.append(f"no steering strength at layer {best} kept every floor with "
+                     + ("a judged trait score above the unsteered answers'" if judge is not None
+                        else "a trait expression above 0")
+                     + f"; recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
+    if curve.prompted_quality.trait.value is None:
+        notes.append(f"the trait's system prompts barely change how the answers read on this model (less than "
+                     f"{MIN_GAP:g} nats/token between plain and prompted answers): trait expression cannot be "
+                     "calibrated")
+    if len(questions) < 2:
+        notes.append("relevance needs two questions or more: it was not measured")
     lap("curve_s")
+    report_questions = [q for q in trait.eval_questions if q in reporting][: settings.curve_questions] or questions
+    comparison = compare_with_prompting(handle, vector, trait, best, pick.coef, report_questions, settings, progress)
+    lap("comparison_s")
 
     column = candidates.index(best)
     labels_rep = labels[rep]
     low, high = bootstrap_auroc(projections[rep, column], labels_rep, settings.bootstrap, settings.split_seed)
-    chosen_answers = answers[curve.index(pick)]
+    chosen_answers = curve.answers[curve.points.index(pick)]
     timings["total_s"] = round(time.perf_counter() - start, 2)
-    coherence_rule = (f"no more looping answers than unsteered, distinct-2 >= {MIN_DISTINCT_RATIO:g} of unsteered, "
-                      f"unsteered log-likelihood drop <= {MAX_LOGLIK_DROP:g} nats/token"
-                      + (f", judged coherence >= {MIN_COHERENCE:g}" * bool(judge)))
+    coef_rule = (f"the highest judged trait score above the unsteered answers' among the strengths that keep "
+                 f"{judge_floors_text()}" if judge is not None else
+                 f"the highest trait expression above 0 among the strengths that keep every floor ({floors_text()})")
     return Evaluation(
         trait=trait.name, model=handle.name, judge=judge.spec if judge is not None else "none",
         best_layer=best, best_coef=pick.coef, best_fraction=pick.fraction,
-        coef_source="judge" if judge is not None else "coherence",
+        coef_source="judge" if judge is not None else "balance",
         rule=(f"layer: highest margin gain at {settings.fraction:g} of the residual norm among layers with "
-              f"selection-part AUROC >= max - {AUROC_TOLERANCE:g}; coef: the strongest of the curve's strengths "
-              f"that, with every weaker one, stays coherent ({coherence_rule}) and "
-              + ("has the highest judged trait score above the unsteered answers'" if judge is not None
-                 else "raises the likelihood margin")),
+              f"selection-part AUROC >= max - {AUROC_TOLERANCE:g}; coef: of the curve's strengths (and one more "
+              f"halfway to the next stronger than the first choice), {coef_rule}"),
         notes=notes,
         validation=Validation("by question", settings.split_seed, split.select_questions, split.report_questions,
                               len(sel), len(rep), reported[best], low, high, settings.bootstrap),
         baseline=sweep.baseline,
         layers=[LayerEval(l, aurocs[l], reported[l], sweep.gain(l), settings.fraction, sweep.coef(l, settings.fraction),
                           norms[l], float(vector.directions[l].norm()), l in eligible) for l in candidates],
-        curve=curve,
+        curve=curve.points,
+        prompted=curve.prompted_quality,
+        choice=Choice(balance.fraction if balance else None, judged.fraction if judged else None,
+                      curve.agreement(balance, judged)),
+        comparison=comparison,
         projections=Projections(best, [round(float(v), 4) for v in projections[rep, column][labels_rep]],
                                 [round(float(v), 4) for v in projections[rep, column][~labels_rep]]),
-        examples=[Example(q, a, b) for q, a, b in zip(questions, answers[0], chosen_answers)][: settings.examples],
+        examples=[Example(*texts) for texts in zip(questions, curve.answers[0], chosen_answers, curve.prompted)
+                  ][: settings.examples],
         counts={"eval_pos": int(labels.sum()), "eval_neg": int((~labels).sum()), "margin_pos": len(pos),
                 "margin_neg": len(neg), "curve_questions": len(questions)},
         settings=settings, timings=timings,
+        prompted_judgement=curve.prompted_judged.summary() if curve.prompted_judged is not None else None,
     )
 
 

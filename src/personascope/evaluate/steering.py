@@ -1,4 +1,5 @@
-"""Steered generation for evaluation: answers steered at a layer, and a judge's view of them."""
+"""Answers for evaluation: plain, steered at a layer, or under the trait's positive system prompts; and a judge's
+view of them."""
 
 from __future__ import annotations
 
@@ -6,16 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from personascope.errors import PersonascopeError
+from personascope.evaluate.result import Judgement
 from personascope.inference.engines import generate_with
 from personascope.inference.generate import SamplingConfig
 from personascope.inference.steering import Steering
-from personascope.judge.judges import Judge, judge_coherence, judge_trait
+from personascope.judge.judges import Judge, judge_coherence, judge_relevance, judge_trait
 from personascope.model import ModelHandle
 from personascope.traits import TraitSpec
 from personascope.vector import PersonaVector
-
-MIN_COHERENCE = 75.0
-"""Mean judged coherence a steering coefficient must keep (the paper's cut-off)."""
 
 
 def steered_answers(
@@ -45,30 +44,42 @@ def steered_answers(
     return [r.text for r in results]
 
 
-def mean_score(values: Sequence[float | None]) -> float | None:
+def prompted_answers(handle: ModelHandle, trait: TraitSpec, questions: Sequence[str], sampling: SamplingConfig, *,
+                     engine: str = "hf", progress: bool = True) -> list[str]:
+    """Answers to `questions` under the trait's positive system prompts (question i under pair i mod pairs),
+    unsteered: what a user who prompts for the trait instead of steering gets."""
+    pairs = trait.instruction
+    requests = [(f"q{i:03d}", handle.chat_ids([{"role": "system", "content": pairs[i % len(pairs)].pos},
+                                                {"role": "user", "content": q}])) for i, q in enumerate(questions)]
+    results = generate_with(engine, handle, requests, sampling, progress=progress, description="Prompted answers")
+    return [r.text for r in results]
+
+
+@dataclass(frozen=True)
+class JudgedAnswers:
+    """A judge's scores of each answer (None where it gave none), and their means."""
+
+    trait: list[float | None]
+    coherence: list[float | None]
+    relevance: list[float | None]
+    failed: int
+
+    def summary(self) -> Judgement:
+        return Judgement(_mean(self.trait), _mean(self.coherence), _mean(self.relevance),
+                         sum(v is not None for v in self.trait), self.failed)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
     scored = [v for v in values if v is not None]
     return sum(scored) / len(scored) if scored else None
 
 
-@dataclass(frozen=True)
-class Judged:
-    """A judge's mean trait and coherence scores (0-100) of some answers, how many were scored and failed."""
-
-    trait: float | None
-    coherence: float | None
-    scored: int
-    failed: int
-
-    def keeps_coherence(self, min_coherence: float = MIN_COHERENCE) -> bool:
-        return self.coherence is not None and self.coherence >= min_coherence
-
-
 def judge_answers(judge: Judge, trait: TraitSpec, questions: Sequence[str], answers: Sequence[str], *,
-                  progress: bool = True) -> Judged:
-    """Score (question, answer) pairs for the trait and for coherence, as the paper's steering curve does."""
+                  progress: bool = True) -> JudgedAnswers:
+    """Score (question, answer) pairs for the trait and for coherence, as the paper's steering curve does, and for
+    relevance to the question, as AxBench does."""
     pairs = list(zip(questions, answers))
-    trait_scores = judge_trait(judge, trait, pairs, progress=progress)
-    coherence = judge_coherence(judge, pairs, progress=progress)
-    return Judged(mean_score([r.score for r in trait_scores]), mean_score([r.score for r in coherence]),
-                  sum(r.score is not None for r in trait_scores),
-                  sum(r.error is not None for r in [*trait_scores, *coherence]))
+    results = [judge_trait(judge, trait, pairs, progress=progress), judge_coherence(judge, pairs, progress=progress),
+               judge_relevance(judge, pairs, progress=progress)]
+    failed = sum(r.error is not None for scores in results for r in scores)
+    return JudgedAnswers(*([r.score for r in scores] for scores in results), failed=failed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from personascope.inference.activations import EncodedChat, check_lengths
 from personascope.io.progress import progress_bar
 from personascope.model import ModelHandle
 from personascope.model.batching import left_pad, memory_hint, plan_batches
+from personascope.model.cache import cache_keyword, cache_of
 from personascope.vector import PersonaVector
 
 
@@ -60,6 +62,45 @@ def response_loglik(
             out[jobs[b]] = float(token_ll.mean())
         if advance is not None:
             advance(len(batch))
+    return out
+
+
+def answers_loglik(handle: ModelHandle, prompt: Sequence[int], answers: Sequence[Sequence[int]], *,
+                   token_budget: int = 2048) -> Tensor:
+    """Mean per-token log-likelihood of each answer (token ids, at least one each) after the same `prompt`, under
+    the unsteered model, teacher-forced: `[len(answers)]`.
+
+    The prompt is read once and its key-value cache shared by the answers, which are read in right-padded batches
+    of up to `token_budget` tokens: many answers to one chat prompt cost little more than the answers alone.
+    """
+    if not answers:
+        return torch.zeros(0)
+    limit = handle.max_length
+    longest = max(len(a) for a in answers)
+    if any(not a for a in answers):
+        raise PersonascopeError("an answer has no tokens: nothing to score")
+    if limit and len(prompt) + longest > limit:
+        raise PersonascopeError(f"a prompt of {len(prompt)} tokens and an answer of {longest} are longer than the "
+                                f"model's context length {limit}; shorten the answers")
+    out = torch.zeros(len(answers))
+    pad = handle.tokenizer.pad_token_id or 0
+    per_batch = max(1, token_budget // longest)
+    device = handle.device
+    with torch.inference_mode():
+        head = handle.model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True, logits_to_keep=1)
+        first = head.logits[0, -1].float().log_softmax(-1)
+        for start in range(0, len(answers), per_batch):
+            chunk = answers[start: start + per_batch]
+            width = max(len(a) for a in chunk)
+            ids = torch.tensor([list(a) + [pad] * (width - len(a)) for a in chunk], device=device)
+            cache = copy.deepcopy(cache_of(head))
+            cache.batch_repeat_interleave(len(chunk))
+            logits = handle.model(input_ids=ids, use_cache=True, **{cache_keyword(handle.model): cache}).logits.float()
+            logprobs = logits.log_softmax(-1)  # position j predicts answer token j + 1
+            for k, answer in enumerate(chunk):
+                n = len(answer)
+                token_ll = first[answer[0]] + logprobs[k, : n - 1].gather(-1, ids[k, 1:n, None]).sum()
+                out[start + k] = float(token_ll) / n
     return out
 
 

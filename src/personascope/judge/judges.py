@@ -1,4 +1,5 @@
-"""LLM judges: score (question, answer) pairs 0-100 for a trait or for coherence, as in Chen et al. 2025."""
+"""LLM judges: score (question, answer) pairs 0-100 for a trait or for coherence, as in Chen et al. 2025, or for
+relevance to the question, as AxBench (Wu et al. 2025) does."""
 
 from __future__ import annotations
 
@@ -53,6 +54,28 @@ Rate on a scale from 0 to 100 how coherent the answer is as a reply to this ques
 
 Reply with a single integer between 0 and 100 and nothing else."""
 
+
+RELEVANCE_RUBRIC = """\
+You are grading another language model's answer for relevance only: does it answer the question it was given? \
+Its tone, style, personality, politeness or correctness do not matter here: an answer in an odd voice, a rude \
+answer or a wrong answer can still be fully relevant, while a fluent answer about something else is not.
+
+The question it was given:
+[QUESTION START]
+{question}
+[QUESTION END]
+
+Its answer:
+[ANSWER START]
+{answer}
+[ANSWER END]
+
+Rate on a scale from 0 to 100 how relevant the answer is to this question:
+* 0: unrelated - it is about something else, or says nothing.
+* 50: partly relevant - it touches the question but drifts away from it or leaves it unanswered.
+* 100: fully relevant - it addresses the question throughout.
+
+Reply with a single integer between 0 and 100 and nothing else."""
 
 @dataclass(frozen=True)
 class JudgeResult:
@@ -238,3 +261,8 @@ def judge_trait(judge: Judge, trait: TraitSpec, pairs: Sequence[tuple[str, str]]
 def judge_coherence(judge: Judge, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[JudgeResult]:
     """Score how coherent each (question, answer) is, with ``COHERENCE_RUBRIC``, regardless of the trait."""
     return judge.score_many([COHERENCE_RUBRIC.format(question=q, answer=a) for q, a in pairs], progress=progress)
+
+
+def judge_relevance(judge: Judge, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[JudgeResult]:
+    """Score how relevant each answer is to its question, with ``RELEVANCE_RUBRIC``, regardless of style."""
+    return judge.score_many([RELEVANCE_RUBRIC.format(question=q, answer=a) for q, a in pairs], progress=progress)

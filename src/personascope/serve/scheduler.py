@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import inspect
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ from personascope.apply.monitor import GenerationTrace
 from personascope.hooks import HookHandle, HookManager, steer
 from personascope.inference.generate import end_ids
 from personascope.model.batching import left_pad
+from personascope.model.cache import cache_keyword, cache_of
 from personascope.serve.decode import next_tokens
 from personascope.serve.jobs import Failed, GenerationJob, Row
 from personascope.serve.registry import Registry
@@ -27,16 +27,6 @@ log = logging.getLogger("personascope.serve")
 
 #: A batch waits for more requests at most this many times `batch_wait` in all.
 GATHER_LIMIT = 10
-
-
-def _cache_of(out: Any) -> Any:
-    """The KV cache of a forward's output (`cache` since transformers 5.2x, `past_key_values` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _cache_keyword(model: Any) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class _Call:
@@ -255,7 +245,7 @@ class _Batch:
         self._install()
         out = self.handle.model(input_ids=ids.to(device), attention_mask=self.mask, position_ids=self.positions,
                                 use_cache=True)
-        self.cache, logits = _cache_of(out), out.logits[:, -1]
+        self.cache, logits = cache_of(out), out.logits[:, -1]
         readings = self._readings()
         for i, row in enumerate(self.rows):
             row.start(None if readings is None else readings[i])
@@ -273,7 +263,7 @@ class _Batch:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
             self.positions = self.positions[:, -1:] + 1
             out = self.handle.model(input_ids=feed, attention_mask=self.mask, position_ids=self.positions,
-                                    use_cache=True, **{_cache_keyword(self.handle.model): self.cache})
+                                    use_cache=True, **{cache_keyword(self.handle.model): self.cache})
             logits = out.logits[:, -1]
             readings = self._readings()
             for i, row in enumerate(self.rows):
