@@ -161,8 +161,8 @@ def coefficient_judge(questions: list[str], scores: dict[str, list[float]]):
 
     def handle(request: Request) -> Reply:
         prompt = request.prompt
-        kind = ("coherence" if prompt.startswith(COHERENCE_RUBRIC[:40]) else
-                "relevance" if prompt.startswith(RELEVANCE_RUBRIC[:40]) else "trait")
+        kind = ("coherence" if prompt.startswith(COHERENCE_RUBRIC[:60]) else
+                "relevance" if prompt.startswith(RELEVANCE_RUBRIC[:60]) else "trait")
         question = next(q for q in questions if q in prompt)
         with lock:
             k = seen[kind, question] = seen.get((kind, question), -1) + 1
