@@ -3,6 +3,7 @@ coefficient rules and their rank agreement."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from personascope.evaluate.quality import (
     MAX_FLUENCY_LOSS,
     MIN_RELEVANCE,
     Calibration,
+    Likelihoods,
     floor_failures,
     judge_failures,
     measure,
@@ -149,6 +151,20 @@ def test_broken_text_breaks_the_floors(measured: dict[str, Quality]) -> None:
     failures = floor_failures(looping, measured["plain"])
     assert looping.loop_answers == 5 and any("looping" in f for f in failures), looping
     assert any("distinct-2" in f for f in failures)
+
+
+def test_a_contrast_prompting_does_not_move_is_left_out() -> None:
+    """When the prompted answers fit the trait's prompts no better than role-play prompts (relative to plain
+    ones), only the contrast against the opposite prompts measures the trait."""
+    def lik(pos: float, neg: float, role: float) -> Likelihoods:
+        return Likelihoods(*(np.full(3, v) for v in (pos, neg, role)), own=np.ones(3))
+
+    plain, prompted, steered = lik(-3.0, -3.0, -3.0), lik(-2.5, -3.0, -2.5), lik(-2.0, -3.0, -2.0)
+    quality = measure(["a b c"] * 3, steered, Calibration(plain, prompted), resamples=20)
+    assert quality.vs_role_play is None and quality.vs_opposite == pytest.approx(2.0)
+    assert quality.trait.value == pytest.approx(2.0)
+    both = measure(["a b c"] * 3, lik(-2.0, -3.0, -2.9), Calibration(plain, lik(-2.5, -3.0, -3.0)), resamples=20)
+    assert both.trait.value == pytest.approx(min(both.vs_opposite, both.vs_role_play)) == pytest.approx(1.8)
 
 
 def test_role_play_prompts_leave_out_roles_the_trait_mentions() -> None:

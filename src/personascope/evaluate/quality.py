@@ -9,6 +9,7 @@ All three come from teacher-forced log-likelihoods of the answers under a few co
   the positive prompts minus unrelated role-play prompts (`vs_role_play`), so that an answer that is merely odd
   (an archaic or theatrical register any role-play explains as well) does not count as the trait. Each is
   calibrated to 0 = the plain answers, 1 = the prompted answers; the trait expression is the smaller of the two.
+  A contrast the prompts themselves hardly move (by less than `MIN_GAP`) cannot be calibrated and is left out.
 * **relevance**: how likely the answer is given its own question against given other held-out questions (no
   system prompt), as the chance that its own question was the one asked (the whole answer's likelihood under each,
   a uniform prior over them), as a share of the plain answers'. The chance, not the per-token gap: an answer in
@@ -151,7 +152,9 @@ class Calibration:
         return parts[0], parts[1]
 
     def trait(self, lik: Likelihoods, idx: np.ndarray) -> float:
-        return float(np.min(self.trait_parts(lik, idx)))  # NaN when either is
+        """The smaller calibrated contrast; one the prompts do not move (NaN) is left out."""
+        parts = [p for p in self.trait_parts(lik, idx) if not np.isnan(p)]
+        return min(parts) if parts else float("nan")
 
     def relevance(self, lik: Likelihoods, idx: np.ndarray) -> float:
         base = _mean(_relevance_terms(self.plain)[idx])
@@ -166,7 +169,7 @@ class Calibration:
             parts.append((s - base) / gap if gap > MIN_GAP else np.full_like(s, np.nan))
         base = _mean(_relevance_terms(self.plain)[every])
         relevance = _relevance_terms(lik) / base if base > 0 else np.full_like(lik.pos, np.nan)
-        return np.minimum(*parts), relevance
+        return np.fmin(*parts), relevance  # fmin leaves out an uncalibrated (NaN) contrast
 
 
 def _estimate(statistic: Callable[[np.ndarray], float], n: int, resamples: int, seed: int) -> Estimate:

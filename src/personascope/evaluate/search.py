@@ -119,10 +119,14 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
                      + ("a judged trait score above the unsteered answers'" if judge is not None
                         else "a trait expression above 0")
                      + f"; recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
-    if curve.prompted_quality.trait.value is None:
+    prompted = curve.prompted_quality
+    if prompted.vs_opposite is None or prompted.vs_role_play is None:
+        contrast = ("neither contrast" if prompted.trait.value is None else "the contrast against the "
+                    + ("opposite" if prompted.vs_opposite is None else "role-play") + " prompts")
         notes.append(f"the trait's system prompts barely change how the answers read on this model (less than "
-                     f"{MIN_GAP:g} nats/token between plain and prompted answers): trait expression cannot be "
-                     "calibrated")
+                     f"{MIN_GAP:g} nats/token between plain and prompted answers on {contrast}): it cannot be "
+                     "calibrated" + (", so trait expression rests on the other" if prompted.trait.value is not None
+                                     else ", so trait expression cannot be measured"))
     if len(questions) < 2:
         notes.append("relevance needs two questions or more: it was not measured")
     lap("curve_s")
