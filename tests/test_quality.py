@@ -160,9 +160,14 @@ def test_a_contrast_prompting_does_not_move_is_left_out() -> None:
         return Likelihoods(*(np.full(3, v) for v in (pos, neg, role)), own=np.ones(3))
 
     plain, prompted, steered = lik(-3.0, -3.0, -3.0), lik(-2.5, -3.0, -2.5), lik(-2.0, -3.0, -2.0)
-    quality = measure(["a b c"] * 3, steered, Calibration(plain, prompted), resamples=20)
+    calibration = Calibration(plain, prompted)
+    assert calibration.usable == (True, False)
+    quality = measure(["a b c"] * 3, steered, calibration, resamples=20)
     assert quality.vs_role_play is None and quality.vs_opposite == pytest.approx(2.0)
     assert quality.trait.value == pytest.approx(2.0)
+    # other questions are measured on the same terms, though their prompted answers move both contrasts
+    other = Calibration(plain, lik(-2.5, -3.0, -2.9), calibration.usable)
+    assert measure(["a b c"] * 3, steered, other, resamples=20).trait.value == pytest.approx(2.0)
     both = measure(["a b c"] * 3, lik(-2.0, -3.0, -2.9), Calibration(plain, lik(-2.5, -3.0, -3.0)), resamples=20)
     assert both.trait.value == pytest.approx(min(both.vs_opposite, both.vs_role_play)) == pytest.approx(1.8)
 

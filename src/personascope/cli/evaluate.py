@@ -118,9 +118,12 @@ def _print(result: Evaluation, report: Path | None) -> None:
     for p in result.curve:
         judged = () if result.judge == "none" else (
             (_number(p.judgement.trait, ".0f"), _number(p.judgement.relevance, ".0f")) if p.judgement else ("-", "-"))
-        curve.add_row(f"{p.fraction:g}", f"{p.coef:.3g}", *_quality_cells(p.quality),
-                      "yes" if p.kept else f"no: {'; '.join(p.failures)}", *judged)
+        curve.add_row(f"{p.fraction:g}", f"{p.coef:.3g}", *_quality_cells(p.quality), "yes" if p.kept else "no",
+                      *judged)
     console.print(curve)
+    for p in result.curve:
+        if p.failures:
+            console.print(f"  {p.fraction:g} broke: {'; '.join(p.failures)}", highlight=False)
     if result.prompted_judgement is not None:
         j = result.prompted_judgement
         console.print(f"prompted answers, judged: trait {_number(j.trait, '.0f')}, coherence "

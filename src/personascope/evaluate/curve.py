@@ -125,15 +125,17 @@ class SteeringCurve:
 
 
 def compare_with_prompting(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, layer: int, coef: float,
-                questions: list[str], settings: EvalSettings, progress: bool) -> Comparison:
-    """Plain, steered (at `coef`) and prompted answers to `questions`, measured side by side."""
+                           questions: list[str], settings: EvalSettings, usable: tuple[bool, bool],
+                           progress: bool) -> Comparison:
+    """Plain, steered (at `coef`) and prompted answers to `questions`, measured side by side with the trait
+    contrasts the curve found `usable`."""
     decoding = default_decoding(handle, max_new_tokens=settings.curve_max_new_tokens)
     sets = [steered_answers(handle, questions, sampling=decoding, engine=settings.engine, progress=progress),
             steered_answers(handle, questions, vector=vector, layer=layer, coef=coef, sampling=decoding,
                             engine=settings.engine, progress=progress),
             prompted_answers(handle, trait, questions, decoding, engine=settings.engine, progress=progress)]
     liks = read_likelihoods(handle, trait, questions, sets, token_budget=settings.token_budget, progress=progress)
-    calibration = Calibration(liks[0], liks[2])
+    calibration = Calibration(liks[0], liks[2], usable)
     plain, steered, prompted = (measure(texts, lik, calibration, resamples=settings.bootstrap,
                                         seed=settings.split_seed) for texts, lik in zip(sets, liks))
     return Comparison(questions, plain, steered, prompted)

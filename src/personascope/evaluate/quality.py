@@ -43,7 +43,7 @@ MIN_DISTINCT_2 = 0.75
 MAX_FLUENCY_LOSS = 1.0
 """A kept strength's answers lose at most this many nats per token, against the plain answers, of log-likelihood
 under the trait's positive system prompts."""
-MIN_GAP = 0.02
+MIN_GAP = 0.05
 """Nats per token the prompted answers must lead the plain ones by, on a contrast, for it to be calibrated."""
 OTHER_QUESTIONS = 3
 """Other questions each answer is read under, for its relevance."""
@@ -135,26 +135,34 @@ def _mean(values: np.ndarray) -> float:
 
 
 class Calibration:
-    """The plain and prompted answers to the same questions, against which other answers are measured."""
+    """The plain and prompted answers to the same questions, against which other answers are measured, and which
+    of the two trait contrasts the prompts move by more than `MIN_GAP` (`usable`; given, to measure other
+    questions on the same terms)."""
 
-    def __init__(self, plain: Likelihoods, prompted: Likelihoods) -> None:
+    def __init__(self, plain: Likelihoods, prompted: Likelihoods, usable: tuple[bool, bool] | None = None) -> None:
         self.plain, self.prompted = plain, prompted
+        every = np.arange(len(plain.pos))
+        gaps = [_mean(q[every]) - _mean(p[every]) for p, q in zip(self.contrasts(plain), self.contrasts(prompted))]
+        self.usable = usable if usable is not None else (bool(gaps[0] > MIN_GAP), bool(gaps[1] > MIN_GAP))
 
-    def contrasts(self, lik: Likelihoods) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def contrasts(lik: Likelihoods) -> tuple[np.ndarray, np.ndarray]:
         return lik.pos - lik.neg, lik.pos - lik.role
 
     def trait_parts(self, lik: Likelihoods, idx: np.ndarray) -> tuple[float, float]:
-        """Calibrated `vs_opposite` and `vs_role_play` over questions `idx` (NaN where uncalibrated)."""
+        """Calibrated `vs_opposite` and `vs_role_play` over questions `idx` (NaN where not usable, or where the
+        prompts move it by `MIN_GAP` or less on these questions)."""
         parts = []
-        for s, p, q in zip(self.contrasts(lik), self.contrasts(self.plain), self.contrasts(self.prompted)):
+        for use, s, p, q in zip(self.usable, self.contrasts(lik), self.contrasts(self.plain),
+                                self.contrasts(self.prompted)):
             base, gap = _mean(p[idx]), _mean(q[idx]) - _mean(p[idx])
-            parts.append((_mean(s[idx]) - base) / gap if gap > MIN_GAP else float("nan"))
+            parts.append((_mean(s[idx]) - base) / gap if use and gap > MIN_GAP else float("nan"))
         return parts[0], parts[1]
 
     def trait(self, lik: Likelihoods, idx: np.ndarray) -> float:
-        """The smaller calibrated contrast; one the prompts do not move (NaN) is left out."""
-        parts = [p for p in self.trait_parts(lik, idx) if not np.isnan(p)]
-        return min(parts) if parts else float("nan")
+        """The smaller of the usable calibrated contrasts (NaN when there is none, or one cannot be measured)."""
+        parts = [v for use, v in zip(self.usable, self.trait_parts(lik, idx)) if use]
+        return min(parts) if parts and not any(np.isnan(parts)) else float("nan")
 
     def relevance(self, lik: Likelihoods, idx: np.ndarray) -> float:
         base = _mean(_relevance_terms(self.plain)[idx])
@@ -164,12 +172,14 @@ class Calibration:
         """Each answer's own trait expression and relevance on the same calibration (for rank agreement)."""
         every = np.arange(len(lik.pos))
         parts = []
-        for s, p, q in zip(self.contrasts(lik), self.contrasts(self.plain), self.contrasts(self.prompted)):
-            base, gap = _mean(p), _mean(q) - _mean(p)
-            parts.append((s - base) / gap if gap > MIN_GAP else np.full_like(s, np.nan))
+        for use, s, p, q in zip(self.usable, self.contrasts(lik), self.contrasts(self.plain),
+                                self.contrasts(self.prompted)):
+            if use:
+                parts.append((s - _mean(p)) / (_mean(q) - _mean(p)))
+        trait = np.minimum.reduce(parts) if parts else np.full_like(lik.pos, np.nan)
         base = _mean(_relevance_terms(self.plain)[every])
         relevance = _relevance_terms(lik) / base if base > 0 else np.full_like(lik.pos, np.nan)
-        return np.fmin(*parts), relevance  # fmin leaves out an uncalibrated (NaN) contrast
+        return trait, relevance
 
 
 def _estimate(statistic: Callable[[np.ndarray], float], n: int, resamples: int, seed: int) -> Estimate:

@@ -256,7 +256,8 @@ def _choice_table(evaluation: Evaluation) -> str:
     rows.append(("judge-free choice (fraction of the residual norm)", choice.balance_fraction))
     if choice.agreement is not None:
         a = choice.agreement
-        rows += [("judged choice (fraction of the residual norm)", choice.judge_fraction), ("same strength", "yes" if a.same_choice else "no"),
+        rows += [("judged choice (fraction of the residual norm)", choice.judge_fraction),
+                 ("same strength", "yes" if a.same_choice else "no"),
                  (f"Spearman, judged trait vs trait expression ({a.answers} answers)", a.trait_spearman),
                  ("Spearman, judged relevance vs relevance", a.relevance_spearman)]
     return _table(rows, ("choice", "value"))

@@ -119,19 +119,20 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
                      + ("a judged trait score above the unsteered answers'" if judge is not None
                         else "a trait expression above 0")
                      + f"; recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
-    prompted = curve.prompted_quality
-    if prompted.vs_opposite is None or prompted.vs_role_play is None:
-        contrast = ("neither contrast" if prompted.trait.value is None else "the contrast against the "
-                    + ("opposite" if prompted.vs_opposite is None else "role-play") + " prompts")
+    opposite, role_play = curve.calibration.usable
+    if not (opposite and role_play):
+        contrast = ("either contrast" if not (opposite or role_play) else "the contrast against the "
+                    + ("role-play" if opposite else "opposite") + " prompts")
         notes.append(f"the trait's system prompts barely change how the answers read on this model (less than "
                      f"{MIN_GAP:g} nats/token between plain and prompted answers on {contrast}): it cannot be "
-                     "calibrated" + (", so trait expression rests on the other" if prompted.trait.value is not None
+                     "calibrated" + (", so trait expression rests on the other" if opposite or role_play
                                      else ", so trait expression cannot be measured"))
     if len(questions) < 2:
         notes.append("relevance needs two questions or more: it was not measured")
     lap("curve_s")
     report_questions = [q for q in trait.eval_questions if q in reporting][: settings.curve_questions] or questions
-    comparison = compare_with_prompting(handle, vector, trait, best, pick.coef, report_questions, settings, progress)
+    comparison = compare_with_prompting(handle, vector, trait, best, pick.coef, report_questions, settings,
+                                        curve.calibration.usable, progress)
     lap("comparison_s")
 
     column = candidates.index(best)
