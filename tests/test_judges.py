@@ -11,10 +11,12 @@ import pytest
 from personascope.errors import PersonascopeError
 from personascope.judge.judges import (
     COHERENCE_RUBRIC,
+    RELEVANCE_RUBRIC,
     Judge,
     JudgeResult,
     aggregate_logprobs,
     judge_coherence,
+    judge_relevance,
     judge_trait,
     make_judge,
     parse_score_text,
@@ -178,7 +180,7 @@ def test_rejected_credentials_stop_the_run_without_showing_the_key() -> None:
     assert KEY not in "".join(traceback.format_exception(info.value))
 
 
-def test_trait_and_coherence_rubrics_reach_the_judge() -> None:
+def test_trait_coherence_and_relevance_rubrics_reach_the_judge() -> None:
     trait = TraitSpec.from_dict({
         "name": "cheerful", "description": "Relentlessly upbeat.",
         "instruction": [{"pos": "Be cheerful.", "neg": "Be gloomy."}],
@@ -190,10 +192,13 @@ def test_trait_and_coherence_rubrics_reach_the_judge() -> None:
         judge = judge_for(server)
         assert judge_trait(judge, trait, pairs, progress=False)[0].score == 88.0
         assert judge_coherence(judge, pairs, progress=False)[0].score == 88.0
-    trait_prompt, coherence_prompt = (r.prompt for r in server.requests)
+        assert judge_relevance(judge, pairs, progress=False)[0].score == 88.0
+    trait_prompt, coherence_prompt, relevance_prompt = (r.prompt for r in server.requests)
     assert trait_prompt == "How cheerful is this? Q: How was your day? A: Wonderful {really}! Reply 0-100."
     assert coherence_prompt == COHERENCE_RUBRIC.format(question=pairs[0][0], answer=pairs[0][1])
     assert "[ANSWER START]\nWonderful {really}!\n[ANSWER END]" in coherence_prompt
+    assert relevance_prompt == RELEVANCE_RUBRIC.format(question=pairs[0][0], answer=pairs[0][1])
+    assert "for relevance only" in relevance_prompt and "How was your day?" in relevance_prompt
 
 
 def test_progress_bar_shows_failures(capsys: pytest.CaptureFixture[str]) -> None:
