@@ -15,7 +15,6 @@ mean distinct-2 >= 0.75. A trait that misses them is listed with the best the cu
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,9 @@ def misses(quality: Quality) -> list[str]:
 def best_and_why(curve: list[CurvePoint]) -> str:
     """For a trait that misses the targets: what the curve offered and what stood in the way."""
     steered = curve[1:]
+    if all(p.quality.trait.value is None for p in steered):
+        return ("the trait's system prompts do not change how the answers read on this model (prompted and plain "
+                "answers fit the trait's prompts alike), so there is no prompted level to measure steering against")
     strong = [p for p in steered if (p.quality.trait.value or -1.0) >= MIN_TRAIT]
     if not strong:
         top = max(steered, key=lambda p: p.quality.trait.value if p.quality.trait.value is not None else -1e9)
@@ -73,7 +75,7 @@ def best_and_why(curve: list[CurvePoint]) -> str:
             f"{_n(first.quality.trait.value)}), where it breaks: {broken}")
 
 
-def row(evaluation: Evaluation, seconds: float) -> dict[str, Any]:
+def row(evaluation: Evaluation) -> dict[str, Any]:
     c, v = evaluation.comparison, evaluation.validation
     missed = misses(c.steered)
     return {
@@ -82,7 +84,7 @@ def row(evaluation: Evaluation, seconds: float) -> dict[str, Any]:
         "steered": _quality(c.steered), "prompted": _quality(c.prompted), "plain": _quality(c.plain),
         "questions": len(c.questions), "targets_met": not missed, "missed": missed,
         "best_and_why": None if not missed else best_and_why(evaluation.curve), "notes": evaluation.notes,
-        "seconds": round(seconds, 1),
+        "evaluation_s": evaluation.timings.get("total_s"),
     }
 
 
@@ -125,11 +127,11 @@ def run(args: argparse.Namespace, handle: ModelHandle | None = None) -> dict[str
     handle = handle or load_model()
     rows = []
     for trait in args.traits or builtin_trait_names():
-        start, out = time.perf_counter(), Path(args.runs) / trait
+        out = Path(args.runs) / trait
         if args.reevaluate:
             (out / "eval.json").unlink(missing_ok=True)  # the run evaluates again; responses and vectors stay
         result = extract(ExtractConfig(trait=trait, model=handle.name), out, handle=handle)
-        rows.append(row(result.evaluation, time.perf_counter() - start))
+        rows.append(row(result.evaluation))
         r = rows[-1]
         console.print(f"{trait}: layer {r['layer']}, steered trait {_n(r['steered']['trait'])} relevance "
                       f"{_n(r['steered']['relevance'])}; targets {'met' if r['targets_met'] else 'missed'}")

@@ -100,7 +100,7 @@ def test_steering_quality_benchmark_checks_the_targets(embedded, tmp_path):
     settings = EvalSettings(examples=1, fractions=(0.25, 0.5), curve_questions=2, curve_max_new_tokens=8,
                             bootstrap=50)
     evaluation = evaluate_run(build_run(tmp_path, embedded), embedded, layers=[12], settings=settings, progress=False)
-    row = bench.row(evaluation, 1.0)
+    row = bench.row(evaluation)
     steered = evaluation.comparison.steered
     assert row["steered"]["trait"] == steered.trait.value and row["layer"] == 12
     expected = ((steered.trait.value or 0) >= 0.5 and (steered.relevance.value or 0) >= 0.8
