@@ -61,8 +61,9 @@ def best_and_why(curve: list[CurvePoint]) -> str:
     """For a trait that misses the targets: what the curve offered and what stood in the way."""
     steered = curve[1:]
     if all(p.quality.trait.value is None for p in steered):
-        return ("the trait's system prompts do not change how the answers read on this model (prompted and plain "
-                "answers fit the trait's prompts alike), so there is no prompted level to measure steering against")
+        return ("the trait's system prompts hardly change how the answers read on this model (prompted answers fit "
+                "the trait's prompts by less than 0.05 nats/token better than plain ones), so there is no prompted "
+                "level to measure steering against")
     strong = [p for p in steered if (p.quality.trait.value or -1.0) >= MIN_TRAIT]
     if not strong:
         top = max(steered, key=lambda p: p.quality.trait.value if p.quality.trait.value is not None else -1e9)
@@ -75,6 +76,17 @@ def best_and_why(curve: list[CurvePoint]) -> str:
             f"{_n(first.quality.trait.value)}), where it breaks: {broken}")
 
 
+def _why(evaluation: Evaluation) -> str:
+    chosen = next(p for p in evaluation.curve if p.fraction == evaluation.best_fraction)
+    steered = evaluation.comparison.steered
+    if steered.trait.value is None and chosen.quality.trait.value is not None:
+        return (f"on the report questions the prompts moved a contrast by less than 0.05 nats/token, so trait "
+                f"expression could not be measured there (vs opposite prompts alone: {_n(steered.vs_opposite)}); on "
+                f"the curve's questions the chosen strength reached {_n(chosen.quality.trait.value)}; "
+                + best_and_why(evaluation.curve))
+    return best_and_why(evaluation.curve)
+
+
 def row(evaluation: Evaluation) -> dict[str, Any]:
     c, v = evaluation.comparison, evaluation.validation
     missed = misses(c.steered)
@@ -83,7 +95,7 @@ def row(evaluation: Evaluation) -> dict[str, Any]:
         "auroc_high": v.auroc_high, "coef": evaluation.best_coef, "fraction": evaluation.best_fraction,
         "steered": _quality(c.steered), "prompted": _quality(c.prompted), "plain": _quality(c.plain),
         "questions": len(c.questions), "targets_met": not missed, "missed": missed,
-        "best_and_why": None if not missed else best_and_why(evaluation.curve), "notes": evaluation.notes,
+        "best_and_why": None if not missed else _why(evaluation), "notes": evaluation.notes,
         "evaluation_s": evaluation.timings.get("total_s"),
     }
 
@@ -105,14 +117,15 @@ def _ci(value: float | None, low: float | None, high: float | None) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The README's per-trait table."""
-    lines = ["| trait | layer | held-out AUROC (95% CI) | coef (fraction) | steered: trait | relevance | "
+    lines = ["| trait | layer | held-out AUROC (95% CI) | coef (fraction) | steered: trait | vs opposite | relevance | "
              "fluency loss | distinct-2 | loops | prompted: relevance | fluency loss | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, p = r["steered"], r["prompted"]
         lines.append(
             f"| {r['trait']} | {r['layer']} | {_ci(r['auroc'], r['auroc_low'], r['auroc_high'])} | "
             f"{r['coef']:.2f} ({r['fraction']:g}) | {_ci(s['trait'], s['trait_low'], s['trait_high'])} | "
+            f"{_n(s['vs_opposite'])} | "
             f"{_ci(s['relevance'], s['relevance_low'], s['relevance_high'])} | {_n(s['fluency_loss'], '+.2f')} | "
             f"{s['distinct_2']:.2f} | {s['loop_answers']} | {_n(p['relevance'])} | {_n(p['fluency_loss'], '+.2f')} | "
             f"{'met' if r['targets_met'] else 'missed: ' + '; '.join(r['missed'])} |")
