@@ -32,11 +32,7 @@ JUDGE_FORMS = f"{LLM_FORMS}, or none"
 MIN_NUMERIC_MASS = 0.25  # below this the judge did not answer with a number (the reference's cut-off)
 TEXT_MAX_TOKENS = 16
 
-COHERENCE_RUBRIC = """\
-You are grading another language model's answer for coherence only. Whether the answer is kind or cruel, \
-agrees or disagrees with the question, is right or wrong, or has any particular personality does not matter \
-here: a blunt, rude, odd or factually mistaken answer can still be fully coherent.
-
+_QUESTION_AND_ANSWER = """\
 The question it was given:
 [QUESTION START]
 {question}
@@ -46,7 +42,14 @@ Its answer:
 [ANSWER START]
 {answer}
 [ANSWER END]
+"""
 
+COHERENCE_RUBRIC = """\
+You are grading another language model's answer for coherence only. Whether the answer is kind or cruel, \
+agrees or disagrees with the question, is right or wrong, or has any particular personality does not matter \
+here: a blunt, rude, odd or factually mistaken answer can still be fully coherent.
+
+""" + _QUESTION_AND_ANSWER + """
 Rate on a scale from 0 to 100 how coherent the answer is as a reply to this question:
 * 0: nonsense - broken or not real language, endless repetition, or unrelated to the question.
 * 50: somewhat coherent - it partly makes sense but wanders, contradicts itself or loses the thread.
@@ -60,16 +63,7 @@ You are grading another language model's answer for relevance only: does it answ
 Its tone, style, personality, politeness or correctness do not matter here: an answer in an odd voice, a rude \
 answer or a wrong answer can still be fully relevant, while a fluent answer about something else is not.
 
-The question it was given:
-[QUESTION START]
-{question}
-[QUESTION END]
-
-Its answer:
-[ANSWER START]
-{answer}
-[ANSWER END]
-
+""" + _QUESTION_AND_ANSWER + """
 Rate on a scale from 0 to 100 how relevant the answer is to this question:
 * 0: unrelated - it is about something else, or says nothing.
 * 50: partly relevant - it touches the question but drifts away from it or leaves it unanswered.
