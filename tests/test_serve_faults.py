@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -257,3 +258,15 @@ def test_a_full_queue_answers_503_and_a_dead_worker_is_restarted(handle, tmp_pat
         scheduler.start()
         assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
         assert _post(server.url, ORDINARY).status_code == 200
+
+
+def test_an_idle_pooled_connection_outlives_the_clients_expiry(live) -> None:
+    """httpx and the openai SDK reuse a pooled connection for up to 5 s idle: the server must not close it first,
+    or a client reusing it at that moment reads "connection reset"."""
+    server, _ = live
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        for wait in (0, 6):  # then longer than the client's keep-alive expiry
+            time.sleep(wait)
+            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "the server closed an idle connection"

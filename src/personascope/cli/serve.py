@@ -64,6 +64,7 @@ def serve(
 
     from personascope.model.loading import load_model
     from personascope.serve import Limits, Registry, create_app
+    from personascope.serve.background import KEEP_ALIVE_S
 
     files = _pairs(vector, "--vector")
     thresholds = {}
@@ -87,4 +88,4 @@ def serve(
     for entry in registry.describe():
         err_console.print(f"vector {entry['name']}: trait {entry['trait']}, layer {entry['layer']}, best coef "
                           f"{entry['best_coef']}, alert threshold {entry['threshold']} ({entry['threshold_source']})")
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    uvicorn.run(app_, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)

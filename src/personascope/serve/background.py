@@ -9,6 +9,11 @@ from typing import Any
 
 from personascope.errors import PersonascopeError
 
+#: Seconds uvicorn keeps an idle keep-alive connection open. httpx and the openai SDK drop a pooled connection after
+#: 5 s idle; uvicorn's own default is also 5 s, so a client could reuse a connection at the moment the server closes
+#: it and read "connection reset". Longer than any common client's expiry, the client always lets go first.
+KEEP_ALIVE_S = 75
+
 
 class BackgroundServer:
     """uvicorn serving `app` on 127.0.0.1 (a free port unless `port` is given); leaving the context stops it."""
@@ -19,7 +24,8 @@ class BackgroundServer:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True,
                                         name="personascope-uvicorn")
         self._timeout = start_timeout
