@@ -195,11 +195,11 @@ def quality(trait: float | None, relevance: float | None, loops: int = 0, distin
 
 
 def point(fraction: float, trait: float | None, relevance: float | None, judged: Judgement | None = None,
-          **kwargs: float) -> CurvePoint:
+          margin: float = 0.1, **kwargs: float) -> CurvePoint:
     q = quality(trait, relevance, **kwargs)
     failures = floor_failures(q, quality(0.0, 1.0))
     judge_kept = None if judged is None else not judge_failures(judged, Judgement(10, 95, 90, 2, 0))
-    return CurvePoint(fraction, 10 * fraction, 0.1, 0.1, 0.0, q, not failures, failures, judged, judge_kept)
+    return CurvePoint(fraction, 10 * fraction, margin, margin, 0.0, q, not failures, failures, judged, judge_kept)
 
 
 def test_floors() -> None:
@@ -221,6 +221,15 @@ def test_balance_picks_the_most_trait_that_keeps_the_floors() -> None:
     assert choose_by_balance([point(0, 0.0, 1.0), point(0.1, 0.3, 0.9), point(0.2, 0.3, 0.9)]).fraction == 0.1
     assert choose_by_balance([point(0, 0.0, 1.0), point(0.1, -0.1, 0.9), point(0.2, None, 0.9)]) is None
     assert choose_by_balance([point(0, 0.0, 1.0), point(0.1, 0.9, 0.5)]) is None
+
+
+def test_balance_ranks_by_margin_gain_where_trait_expression_was_never_measured() -> None:
+    unmeasured = [point(0, None, 1.0, margin=0.0), point(0.1, None, 0.95, margin=0.2),
+                  point(0.2, None, 0.9, margin=0.5), point(0.3, None, 0.6, margin=0.9)]
+    assert choose_by_balance(unmeasured).fraction == 0.2  # 0.3 gains most but wanders off the question
+    assert choose_by_balance([point(0, None, 1.0), point(0.1, None, 0.95, margin=-0.1)]) is None
+    measured_once = [point(0, 0.0, 1.0), point(0.1, -0.2, 0.95, margin=0.5), point(0.2, None, 0.9, margin=0.9)]
+    assert choose_by_balance(measured_once) is None  # measured and negative: the margin does not overrule it
 
 
 def test_judged_rule_needs_coherence_and_relevance() -> None:

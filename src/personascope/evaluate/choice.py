@@ -81,9 +81,17 @@ def margin_grid(candidates: list[int], aurocs: dict[int, float], default: bool, 
 def choose_by_balance(curve: Sequence[CurvePoint]) -> CurvePoint | None:
     """The judge-free choice, from a curve that starts with the unsteered point: among the strengths that keep
     every floor of `evaluate.quality`, the one with the highest trait expression above 0 (ties to the weaker).
+    Where trait expression was measured at no strength (the trait's prompts move neither contrast), the margin
+    gain ranks them instead: how much steering favours the trait-positive responses over the negative ones.
     None when no strength qualifies."""
-    kept = [p for p in curve[1:] if p.kept and (p.quality.trait.value or 0.0) > 0]
-    return max(kept, key=lambda p: (p.quality.trait.value, -p.fraction)) if kept else None
+    steered = curve[1:]
+    measured = any(p.quality.trait.value is not None for p in steered)
+
+    def score(point: CurvePoint) -> float:
+        return (point.quality.trait.value or 0.0) if measured else point.margin_gain
+
+    kept = [p for p in steered if p.kept and score(p) > 0]
+    return max(kept, key=lambda p: (score(p), -p.fraction)) if kept else None
 
 
 def choose_by_judge(curve: Sequence[CurvePoint]) -> CurvePoint | None:

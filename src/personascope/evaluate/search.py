@@ -117,7 +117,7 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
         pick = curve.points[1]
         notes.append(f"no steering strength at layer {best} kept every floor with "
                      + ("a judged trait score above the unsteered answers'" if judge is not None
-                        else "a trait expression above 0")
+                        else "a trait expression (where unmeasured, a margin gain) above 0")
                      + f"; recorded the weakest ({pick.fraction:g} of the residual norm): check the examples")
     opposite, role_play = curve.calibration.usable
     if not (opposite and role_play):
@@ -126,7 +126,9 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
         notes.append(f"the trait's system prompts barely change how the answers read on this model (less than "
                      f"{MIN_GAP:g} nats/token between plain and prompted answers on {contrast}): it cannot be "
                      "calibrated" + (", so trait expression rests on the other" if opposite or role_play
-                                     else ", so trait expression cannot be measured"))
+                                     else ", so trait expression cannot be measured"
+                                     + ("" if judge is not None else
+                                        " and the margin gain ranked the strengths that keep the floors")))
     if len(questions) < 2:
         notes.append("relevance needs two questions or more: it was not measured")
     lap("curve_s")
@@ -142,7 +144,8 @@ def _evaluate(handle: ModelHandle, vector: PersonaVector, trait: TraitSpec, rows
     timings["total_s"] = round(time.perf_counter() - start, 2)
     coef_rule = (f"the highest judged trait score above the unsteered answers' among the strengths that keep "
                  f"{judge_floors_text()}" if judge is not None else
-                 f"the highest trait expression above 0 among the strengths that keep every floor ({floors_text()})")
+                 f"the highest trait expression above 0 among the strengths that keep every floor ({floors_text()}); "
+                 "the highest margin gain above 0 where trait expression was measured at no strength")
     return Evaluation(
         trait=trait.name, model=handle.name, judge=judge.spec if judge is not None else "none",
         best_layer=best, best_coef=pick.coef, best_fraction=pick.fraction,
