@@ -79,6 +79,10 @@ def best_and_why(curve: list[CurvePoint]) -> str:
 def _why(evaluation: Evaluation) -> str:
     chosen = next(p for p in evaluation.curve if p.fraction == evaluation.best_fraction)
     steered = evaluation.comparison.steered
+    if all(p.quality.trait.value is None for p in evaluation.curve[1:]) and chosen.margin_gain > 0:
+        return (best_and_why(evaluation.curve) + "; on the curve's questions the margin gain chose fraction "
+                f"{chosen.fraction:g} (+{chosen.margin_gain:.2f} nats/token toward the trait's responses, relevance "
+                f"{_n(chosen.quality.relevance.value)}, fluency loss {_n(chosen.quality.fluency_loss, '+.2f')})")
     if steered.trait.value is None and chosen.quality.trait.value is not None:
         return (f"on the report questions the prompts moved a contrast by less than 0.05 nats/token, so trait "
                 f"expression could not be measured there (vs opposite prompts alone: {_n(steered.vs_opposite)}); on "
