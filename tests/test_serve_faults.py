@@ -3,9 +3,9 @@ a full queue and a stopped worker, against a real `personascope serve` app on 12
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -264,9 +264,14 @@ def test_an_idle_pooled_connection_outlives_the_clients_expiry(live) -> None:
     """httpx and the openai SDK reuse a pooled connection for up to 5 s idle: the server must not close it first,
     or a client reusing it at that moment reads "connection reset"."""
     server, _ = live
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    try:
         for wait in (0, 6):  # then longer than the client's keep-alive expiry
             time.sleep(wait)
-            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "the server closed an idle connection"
+            conn.request("GET", "/healthz")
+            reply = conn.getresponse()  # RemoteDisconnected had the server closed the connection
+            assert reply.status == 200 and json.loads(reply.read())["status"] == "ok"
+            assert not reply.will_close
+        assert conn.sock is not None  # the same connection served both
+    finally:
+        conn.close()
