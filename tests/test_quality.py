@@ -3,6 +3,8 @@ coefficient rules and their rank agreement."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,18 @@ def test_broken_text_breaks_the_floors(measured: dict[str, Quality]) -> None:
     failures = floor_failures(looping, measured["plain"])
     assert looping.loop_answers == 5 and any("looping" in f for f in failures), looping
     assert any("distinct-2" in f for f in failures)
+
+
+def test_an_empty_answer_reads_as_nothing_and_quietly(embedded: ModelHandle) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning reaches the user over an empty answer
+        plain, empty = read_likelihoods(embedded, load_trait("pirate"), QUESTIONS[:2],
+                                        [PLAIN[:2], [PLAIN[0], "  "]], progress=False)
+        quality = measure([PLAIN[0], "  "], empty, Calibration(plain, plain), resamples=50)
+    assert np.isnan([empty.pos[1], empty.neg[1], empty.role[1], empty.own[1]]).all()
+    assert empty.pos[0] == pytest.approx(plain.pos[0]) and empty.own[0] == pytest.approx(plain.own[0])
+    assert quality.empty == 1  # and answers nothing: relevance counts it 0
+    assert quality.relevance.value == pytest.approx(plain.own[0] / (plain.own[0] + plain.own[1]))
 
 
 def test_a_contrast_prompting_does_not_move_is_left_out() -> None:

@@ -21,6 +21,7 @@ All three come from teacher-forced log-likelihoods of the answers under a few co
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,7 +109,8 @@ def read_likelihoods(handle: ModelHandle, trait: TraitSpec, questions: Sequence[
             bar.advance(0, 1)
     lengths = np.array([[len(ids) for ids in answers] for answers in answer_ids], dtype=float)
     whole = read["asked"] * lengths[:, :, None]  # each answer's log-likelihood given each question asked
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty answer is NaN throughout: its mean is NaN
         own = 1.0 / np.nansum(np.exp(whole - whole[:, :, :1]), axis=2)  # softmax weight of its own question
         own = np.where((lengths > 0) & (n > 1), own, np.nan)  # one question: nothing to tell it from
         means = {kind: np.nanmean(read[kind], axis=2) for kind in ("pos", "neg", "role")}
