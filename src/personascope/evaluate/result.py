@@ -80,9 +80,10 @@ class Quality:
     `trait`: trait expression, 0 = the plain answers (no system prompt), 1 = the answers given under the trait's
     positive system prompts: the smaller of `vs_opposite` (log-likelihood under the positive minus the negative
     system prompts) and `vs_role_play` (positive prompts minus unrelated role-play prompts), each calibrated so.
-    `relevance`: log-likelihood given the answer's own question minus given other questions, as a share of the
-    plain answers'. `fluency`: mean per-token log-likelihood under the trait's positive system prompts;
-    `fluency_loss`: how much lower it is than the plain answers'. `distinct_2`, `distinct_3`: distinct word
+    `relevance`: the chance that the answer's own question, rather than one of a few other questions, was asked
+    (whole-answer log-likelihood given each, softmaxed), as a share of the plain answers'. `fluency`: mean
+    per-token log-likelihood under the trait's positive system prompts; `fluency_loss`: how much lower it is than
+    the plain answers'. `distinct_2`, `distinct_3`: distinct word
     bigrams/trigrams over all, mean over answers; `loop_answers`: answers with a word n-gram repeated
     `LOOP_REPEATS` times in a row; `longest_loop`: the most consecutive repeats; `empty`: empty answers.
     """
