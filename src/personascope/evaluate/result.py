@@ -83,9 +83,9 @@ class Quality:
     `relevance`: the chance that the answer's own question, rather than one of a few other questions, was asked
     (whole-answer log-likelihood given each, softmaxed), as a share of the plain answers'. `fluency`: mean
     per-token log-likelihood under the trait's positive system prompts; `fluency_loss`: how much lower it is than
-    the plain answers'. `distinct_2`, `distinct_3`: distinct word
-    bigrams/trigrams over all, mean over answers; `loop_answers`: answers with a word n-gram repeated
-    `LOOP_REPEATS` times in a row; `longest_loop`: the most consecutive repeats; `empty`: empty answers.
+    the plain answers'. `distinct_2`, `distinct_3`: distinct word bigrams/trigrams over all, mean over answers;
+    `loop_answers`: answers with a word n-gram repeated `LOOP_REPEATS` times in a row; `longest_loop`: the most
+    consecutive repeats; `empty`: empty answers.
     """
 
     trait: Estimate
